@@ -1,0 +1,68 @@
+"""Encoders by name: ResNet family, ViT, and a tiny CNN for tests.
+
+Every encoder is a Flax module called as `encoder(images, *, train, mask=None)` and
+returning an `EncoderOutput(pooled, maps)`.
+"""
+
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from encoders.common import EncoderOutput, PatchMask
+from encoders.resnet import ResNet
+from encoders.tiny_cnn import TinyCNN
+from encoders.vit import SIZES as VIT_SIZES
+from encoders.vit import ViT
+from selfsup.errors import UserError, unknown_name
+
+
+def _resnet(depth):
+  def build(dtype, width_multiplier=1.0, cifar_stem=False):
+    return ResNet(depth=depth, width_multiplier=float(width_multiplier),
+                  cifar_stem=bool(cifar_stem), dtype=dtype)
+  return build
+
+
+def _vit(size):
+  width, depth, mlp_dim, heads = VIT_SIZES[size]
+
+  def build(dtype, patch_size=16, pooling="cls"):
+    if pooling not in ("cls", "mean"):
+      raise UserError(f"encoder.pooling must be 'cls' or 'mean', not {pooling!r}")
+    return ViT(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+               patch_size=int(patch_size), pooling=pooling, dtype=dtype)
+  return build
+
+
+def _tiny_cnn(dtype, width_multiplier=1.0):
+  return TinyCNN(widths=tuple(max(4, int(w * width_multiplier)) for w in (16, 32, 64, 128)),
+                 dtype=dtype)
+
+
+REGISTRY: dict[str, Callable[..., Any]] = {
+    "tiny_cnn": _tiny_cnn,
+    **{f"resnet{d}": _resnet(d) for d in (18, 34, 50, 101, 152)},
+    **{f"vit_{s}": _vit(s) for s in VIT_SIZES},
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_encoder(cfg, dtype: str = "float32"):
+  """Builds the encoder named `cfg.name` with the remaining fields of `cfg` as options."""
+  options = dict(cfg)
+  name = options.pop("name")
+  if name not in REGISTRY:
+    raise unknown_name("encoder", name, REGISTRY)
+  if dtype not in DTYPES:
+    raise unknown_name("compute dtype", dtype, DTYPES)
+  import inspect
+  allowed = [p for p in inspect.signature(REGISTRY[name]).parameters if p != "dtype"]
+  for key in options:
+    if key not in allowed:
+      raise UserError(f"encoder {name!r} has no option {key!r}; valid options: "
+                      f"{', '.join(allowed) or 'none'}")
+  return REGISTRY[name](DTYPES[dtype], **options)
+
+
+__all__ = ["EncoderOutput", "PatchMask", "REGISTRY", "build_encoder"]

@@ -1,0 +1,54 @@
+"""What every encoder returns, and the mask helpers shared by the convnets."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class EncoderOutput(NamedTuple):
+  """Pooled features and feature maps keyed by their stride relative to the input.
+
+  `pooled` is (B, D) float32 whatever the compute dtype, so heads and probes see one
+  precision. `maps[s]` is (B, H/s, W/s, C_s) for convnets and the (B, h, w, D) token grid
+  for ViT. Objectives pick what they need (`maps[max(maps)]` is the deepest one).
+  """
+  pooled: jax.Array
+  maps: dict
+
+
+class PatchMask(NamedTuple):
+  """A visibility mask on a patch grid with a static count of visible patches.
+
+  Convnets only need `visible`; ViT also needs `num_visible` (a Python int) to drop
+  masked tokens with static shapes under jit. Plain boolean arrays are accepted by the
+  convnets too.
+  """
+  visible: jax.Array  # (B, h, w) bool, True = visible
+  num_visible: int
+
+
+def resize_mask(mask, height: int, width: int) -> jax.Array:
+  """Nearest-neighbour resize of a (B, h, w) visibility mask to (B, height, width, 1).
+
+  SparK-style masked convnets multiply every activation by the mask at that resolution,
+  which emulates sparse convolution densely (masked positions stay exactly zero).
+  """
+  if isinstance(mask, PatchMask):
+    mask = mask.visible
+  b, h, w = mask.shape
+  if height % h == 0 and width % w == 0:
+    m = jnp.repeat(jnp.repeat(mask, height // h, axis=1), width // w, axis=2)
+  else:
+    rows = (jnp.arange(height) * h) // height
+    cols = (jnp.arange(width) * w) // width
+    m = mask[:, rows][:, :, cols]
+  return m[..., None].astype(jnp.float32)
+
+
+def masked_mean(x: jax.Array, m) -> jax.Array:
+  """Global average pool over (H, W), counting only visible positions when m is given."""
+  if m is None:
+    return jnp.mean(x, axis=(1, 2))
+  m = m.astype(x.dtype)
+  return jnp.sum(x * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1)

@@ -1,0 +1,117 @@
+"""ResNet v1.5 (stride in the 3x3 conv of bottlenecks), He et al. 2016.
+
+Depths 18/34 (basic blocks) and 50/101/152 (bottlenecks), a width multiplier, and the
+CIFAR stem (3x3 conv, stride 1, no max-pool) used by SimCLR/solo-learn on 32x32 images.
+With a `mask` (B, h, w) of visible positions, every conv output is re-masked and
+BatchNorm statistics use visible positions only: the dense emulation of sparse
+convolution that SparK relies on.
+"""
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from encoders.common import EncoderOutput, masked_mean, resize_mask
+
+STAGES = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+class _Masked(nn.Module):
+  """Conv -> mask -> BN(masked statistics) [-> ReLU] -> mask."""
+  features: int
+  kernel: int
+  stride: int
+  relu: bool
+  train: bool
+  dtype: Any
+  zero_init_scale: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), self.stride, use_bias=False,
+                dtype=self.dtype, kernel_init=nn.initializers.variance_scaling(
+                    2.0, "fan_out", "normal"))(x)
+    m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
+    if m is not None:
+      x = x * m.astype(x.dtype)
+    scale_init = nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones
+    x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, scale_init=scale_init)(
+                         x, mask=None if m is None else m > 0)
+    if self.relu:
+      x = nn.relu(x)
+    if m is not None:
+      x = x * m.astype(x.dtype)
+    return x
+
+
+class BasicBlock(nn.Module):
+  features: int
+  stride: int
+  train: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, mask):
+    layer = partial(_Masked, train=self.train, dtype=self.dtype)
+    y = layer(self.features, 3, self.stride, True)(x, mask)
+    y = layer(self.features, 3, 1, False, zero_init_scale=True)(y, mask)
+    if x.shape != y.shape:
+      x = layer(self.features, 1, self.stride, False)(x, mask)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  features: int
+  stride: int
+  train: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, mask):
+    layer = partial(_Masked, train=self.train, dtype=self.dtype)
+    y = layer(self.features, 1, 1, True)(x, mask)
+    y = layer(self.features, 3, self.stride, True)(y, mask)
+    y = layer(self.features * 4, 1, 1, False, zero_init_scale=True)(y, mask)
+    if x.shape != y.shape:
+      x = layer(self.features * 4, 1, self.stride, False)(x, mask)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet encoder returning pooled features and the four stage outputs by stride."""
+  depth: int = 50
+  width_multiplier: float = 1.0
+  cifar_stem: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool, mask=None):
+    kind, blocks = STAGES[self.depth]
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+    width = max(8, int(64 * self.width_multiplier))
+    x = images.astype(self.dtype)
+    if self.cifar_stem:
+      x = _Masked(width, 3, 1, True, train, self.dtype)(x, mask)
+      stride = 1
+    else:
+      x = _Masked(width, 7, 2, True, train, self.dtype)(x, mask)
+      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+      stride = 4
+    maps = {}
+    for i, n in enumerate(blocks):
+      for j in range(n):
+        s = 2 if (i > 0 and j == 0) else 1
+        x = block_cls(width * 2**i, s, train, self.dtype)(x, mask)
+      stride *= 2 if i > 0 else 1
+      maps[stride] = x
+    m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
+    return EncoderOutput(masked_mean(x, m).astype(jnp.float32), maps)

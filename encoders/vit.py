@@ -1,0 +1,95 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), pre-LayerNorm, learned position embeddings.
+
+With a `mask` (B, h, w) of visible patches (the same count of visible patches in every
+example, as masked autoencoding draws them), the encoder runs on the visible tokens only
+and scatters its outputs back onto the token grid with zeros at masked places, so
+objectives see one (B, h, w, D) layout either way.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from encoders.common import EncoderOutput, PatchMask
+
+SIZES = {  # name: (width, depth, mlp_dim, heads)
+    "ti": (192, 12, 768, 3),
+    "s": (384, 12, 1536, 6),
+    "b": (768, 12, 3072, 12),
+}
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x)
+    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+  mlp_dim: int
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+                                        name="attn")(y, y)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+    return x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
+
+
+class ViT(nn.Module):
+  """ViT encoder; `pooling` is "cls" (class token) or "mean" (mean of patch tokens)."""
+  width: int = 384
+  depth: int = 12
+  mlp_dim: int = 1536
+  num_heads: int = 6
+  patch_size: int = 16
+  pooling: str = "cls"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool, mask=None):
+    del train  # No dropout or BatchNorm: train and eval are the same function.
+    x = nn.Conv(self.width, (self.patch_size, self.patch_size), self.patch_size,
+                padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, gh * gw, d)).astype(
+        self.dtype)
+    keep = None
+    if mask is not None:
+      if not isinstance(mask, PatchMask):
+        raise TypeError("ViT needs a PatchMask (visible grid + static visible count) to "
+                        "drop tokens under jit")
+      flat = mask.visible.reshape(b, gh * gw)
+      # Visible tokens first, in grid order; keep the (static) count of them.
+      order = jnp.argsort(~flat, axis=1, stable=True)
+      keep = order[:, :mask.num_visible]
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)
+    if self.pooling == "cls":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d)).astype(self.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+    for i in range(self.depth):
+      x = EncoderBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    if self.pooling == "cls":
+      pooled, tokens = x[:, 0], x[:, 1:]
+    else:
+      tokens = x
+      pooled = jnp.mean(tokens, axis=1)
+    if keep is not None:
+      grid = jnp.zeros((b, gh * gw, d), tokens.dtype)
+      tokens = grid.at[jnp.arange(b)[:, None], keep].set(tokens)
+    return EncoderOutput(pooled.astype(jnp.float32),
+                         {self.patch_size: tokens.reshape(b, gh, gw, d)})
+

@@ -1,0 +1,82 @@
+"""Frozen features: rebuild an encoder from a run directory and embed images.
+
+Features are the encoder's pooled output with BatchNorm in inference mode, on images
+preprocessed exactly as the objectives feed the encoder (scaled to [0, 1], normalised),
+at the run's image size.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfsup import augment
+from selfsup.errors import UserError
+
+
+def encoder_variables(state: dict) -> dict:
+  """The encoder's variables out of a train-state pytree."""
+  variables = {"params": state["params"]["encoder"]}
+  stats = state.get("batch_stats", {})
+  if stats and "encoder" in stats:
+    variables["batch_stats"] = stats["encoder"]
+  return variables
+
+
+def random_init_variables(encoder, image_size: int, seed: int = 0) -> dict:
+  dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  return dict(encoder.init(jax.random.PRNGKey(seed), dummy, train=False))
+
+
+def extract_features(encoder, variables, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+  """(N, H, W, 3) uint8 -> (N, D) float32 pooled features, in fixed-size batches.
+
+  The last batch is padded to `batch_size` so the function compiles once.
+  """
+  @functools.partial(jax.jit)
+  def embed(variables, x):
+    x = augment.normalize(augment.to_float(x))
+    return encoder.apply(variables, x, train=False).pooled
+
+  n = images.shape[0]
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - chunk.shape[0]
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(embed(variables, chunk))[:batch_size - pad])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def load_encoder(workdir: str, step: int | None = None):
+  """(config, encoder module, variables at the newest or given checkpoint, step)."""
+  import encoders
+  from selfsup import checkpoint as ckpt_lib
+  from selfsup.trainer import load_config
+  config = load_config(workdir)
+  encoder = encoders.build_encoder(config.encoder, "float32")
+  ckdir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckdir):
+    raise UserError(f"{workdir} has no checkpoints/ folder; train first or pass the run's --workdir")
+  checkpointer = ckpt_lib.Checkpointer(ckdir, async_save=False)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f"{ckdir} holds no complete checkpoint")
+  state = checkpointer.restore_state_only(step)
+  checkpointer.close()
+  variables = encoder_variables(state)
+  expected = jax.eval_shape(lambda: random_init_variables(encoder, config.data.image_size))
+  _check_same_structure(expected, variables, config.encoder.name)
+  return config, encoder, variables, step
+
+
+def _check_same_structure(expected, got, name):
+  exp = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(got)}
+  if exp != have:
+    missing = sorted(set(exp) - set(have))[:3]
+    raise UserError(f"the checkpoint's encoder weights do not match encoder {name!r} "
+                    f"(e.g. {missing or 'shapes differ'}); it was made with another encoder")

@@ -1,0 +1,108 @@
+"""The Objective seam: what every pretext objective provides to the trainer.
+
+An objective is a Flax module. Its fields are its configuration; in `__call__` it turns a
+uint8 batch into views on the device (with the `augment` PRNG stream), runs the shared
+encoder it is handed, applies its own heads, and returns an `ObjectiveOutput`. Its heads'
+parameters live under `params/<name>`; its non-gradient state (queues, prototypes, fixed
+target tables, EMA teachers, vocabularies) lives in the `objective_state/<name>`
+collection, created with `self.variable("objective_state", ...)`, mutable during
+training and checkpointed with everything else.
+
+Three optional hooks cover what cannot be a gradient step:
+- `post_update(state, params, step)`: pure and jitted, after the optimizer step
+  (EMA teachers, momentum schedules, prototype re-normalisation).
+- `host_update(state, host_outputs, step, ctx)`: NumPy/SciPy on the host between steps,
+  fed by the `host` arrays the objective returned (NAT's Hungarian reassignment).
+- `optimizer_groups()`: extra parameter groups with their own optimizer, e.g. a GAN
+  discriminator, as {label: (path predicate, optax transform builder)}.
+The trainer never names a specific objective; objectives never mention devices.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ObjectiveOutput(NamedTuple):
+  """What one objective's forward pass gives back.
+
+  loss: scalar to minimise (before the combination weight).
+  metrics: scalars to log (prefixed with the objective's name by the model).
+  probe_features: (B, D) pooled encoder features of a view aligned with `batch["label"]`,
+    reused by the online probe so it costs no extra forward pass; None if there is none.
+  host: arrays the objective's `host_update` needs on the host (None if it has no hook).
+  """
+  loss: jax.Array
+  metrics: dict
+  probe_features: Any = None
+  host: Any = None
+
+
+class Objective(nn.Module):
+  """Base class; subclasses define fields (their config) and `__call__`."""
+
+  # Whether examples must carry stable dataset indices (NAT's per-example targets).
+  needs_stable_indices = False
+  # Whether `host_update` must run between steps.
+  has_host_hook = False
+
+  def __call__(self, encoder, batch: dict, *, train: bool, step) -> ObjectiveOutput:
+    raise NotImplementedError
+
+  # Hooks (plain methods: called on the unbound template with explicit pytrees).
+  def post_update(self, state: dict, params: dict, step) -> dict:
+    del params, step
+    return state
+
+  def host_update(self, state: dict, host: dict, step: int, ctx: "HostContext") -> dict:
+    del host, step, ctx
+    return state
+
+  def optimizer_groups(self) -> dict:
+    return {}
+
+  def validate(self, *, image_size: int, dataset) -> None:
+    """Raises UserError when the objective cannot run on this data (called at start-up)."""
+    del image_size, dataset
+
+
+@dataclasses.dataclass
+class HostContext:
+  """What the trainer tells a host hook about the run."""
+  steps_per_epoch: int
+  dataset_size: int
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross-entropy with integer labels, in float32."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def accuracy(logits, labels):
+  return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+class MLP(nn.Module):
+  """Linear(+BN+ReLU) hidden layers then a linear output; the SimCLR projection shape."""
+  hidden: tuple
+  out: int
+  use_bn: bool = True
+  out_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    for width in self.hidden:
+      x = nn.Dense(width, use_bias=not self.use_bn, dtype=self.dtype)(x)
+      if self.use_bn:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+      x = nn.relu(x)
+    return nn.Dense(self.out, use_bias=self.out_bias, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+Predicate = Callable[[tuple], bool]

@@ -1,0 +1,116 @@
+"""`python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N]`
+
+Measures the jitted train step of a config on the devices present and prints one JSON
+line: compile time, step time, images/s, FLOPs per step (XLA's cost analysis of the
+compiled step) and MFU = FLOPs per step / step time / (peak FLOP/s x devices).
+
+The step is timed on one host batch reused (device throughput: the input pipeline is
+not in the loop; it runs ahead on the host in training). Peak FLOP/s comes from a table
+of accelerators (dense, for the compute dtype); on CPU it is measured with a large
+matmul, so CPU MFU says how close the step gets to this machine's own matmul speed.
+"""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from selfsup import cli
+
+# Dense peak TFLOP/s per chip: (bfloat16, float32). float32 matmuls on GPUs run as TF32
+# under JAX's default precision, so the f32 column is the TF32 peak there.
+PEAK_TFLOPS = {
+    "H100": (989.0, 494.5), "H200": (989.0, 494.5), "GH200": (989.0, 494.5),
+    "A100": (312.0, 156.0), "L4": (121.0, 60.0), "V100": (125.0, 15.7),
+    "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
+}
+
+config_flags.DEFINE_config_file("config", None, "experiment config file [:ARG]", lock_config=True)
+flags.DEFINE_integer("steps", 20, "timed steps (after one warm-up step)")
+
+
+def device_peak_flops(dtype: str) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the number came from)."""
+  device = jax.devices()[0]
+  kind = device.device_kind
+  for name, (bf16, f32) in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return (bf16 if dtype == "bfloat16" else f32) * 1e12, f"table:{name}"
+  return measured_matmul_flops(dtype), "measured_matmul"
+
+
+def measured_matmul_flops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
+  dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  a = jnp.ones((n, n), dt)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    f(a).block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def step_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def benchmark(config, steps: int = 20) -> dict:
+  from selfsup.trainer import Trainer
+  trainer = Trainer(config, None)
+  batch = trainer.shard_batch(next(trainer.iterator))
+  t0 = time.perf_counter()
+  compiled = trainer._step_fn.lower(trainer.state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  flops = step_flops(compiled)
+  state = trainer.state
+  state, metrics, _ = compiled(state, batch)   # warm-up
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics, _ = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / steps
+  n_dev = len(jax.devices())
+  peak, peak_source = device_peak_flops(config.train.dtype)
+  return {
+      "objectives": list(config.objectives.keys()),
+      "encoder": config.encoder.name,
+      "image_size": config.data.image_size,
+      "batch_size": config.train.batch_size,
+      "dtype": config.train.dtype,
+      "devices": n_dev,
+      "device_kind": jax.devices()[0].device_kind,
+      "compile_s": round(compile_s, 3),
+      "step_s": round(step_s, 5),
+      "images_per_s": round(config.train.batch_size / step_s, 1),
+      "flops_per_step": flops,
+      "tflops_per_s": round(flops / step_s / 1e12, 4),
+      "peak_tflops_per_device": round(peak / 1e12, 3),
+      "peak_source": peak_source,
+      "mfu": round(flops / step_s / (peak * n_dev), 4),
+      "loss": float(metrics["loss"]),
+      "steps": steps,
+  }
+
+
+def main(argv):
+  del argv
+  from selfsup.errors import UserError
+  config = flags.FLAGS.config
+  if config is None:
+    raise UserError("usage: python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N]")
+  config.unlock()
+  config.train.progress_bar = False
+  print(json.dumps(benchmark(config, flags.FLAGS.steps)))
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

@@ -1,0 +1,107 @@
+"""The configuration schema: defaults for every field, and start-up validation.
+
+Experiment files in `experiments/` start from `default_config()` and override fields.
+`validate()` fails at start-up with one line naming an unknown key or a bad value and
+the valid choices; the `encoder` and `objectives` sections are checked by their
+registries (each objective's options are its dataclass fields).
+"""
+
+import ml_collections
+
+from selfsup.errors import UserError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic:shapes"   # synthetic:NAME | folder:PATH | tfds:NAME[/CONFIG][:VERSION]
+  c.data.train_split = "train"
+  c.data.test_split = "test"
+  c.data.image_size = 32
+  c.data.num_workers = 0               # grain worker processes (0 = in the main process)
+  c.data.prefetch = 2
+  c.data.strict = False                # True: a corrupt image is an error, not a skip
+  c.data.data_dir = ""                 # TFDS data_dir ("" = TFDS default)
+
+  c.encoder = ml_collections.ConfigDict({"name": "tiny_cnn"})
+  # name -> {"weight": w, option: value, ...}; several entries = a weighted combination.
+  c.objectives = ml_collections.ConfigDict({"rotation": {"weight": 1.0}})
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 128             # global batch, over all devices and hosts
+  c.train.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay f32)
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.online_probe = True          # linear head on stop-gradient features, if labels
+  c.train.progress_bar = True
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"             # sgd | lars | adamw | lamb
+  c.optimizer.lr = 0.1                 # peak lr (x batch/256 if scale_with_batch)
+  c.optimizer.scale_with_batch = True
+  c.optimizer.schedule = "cosine"      # cosine | constant | step
+  c.optimizer.warmup_steps = 0
+  c.optimizer.step_fractions = (0.3, 0.6, 0.8)
+  c.optimizer.step_factor = 0.2
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.trust_coefficient = 0.001
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.grad_clip = 0.0          # global-norm clip (0 = off)
+  c.optimizer.probe_lr = 0.1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                     # -1: all devices not used by `model`
+  c.mesh.model = 1                     # tensor-parallel ways (ViT)
+  c.mesh.sharding = "replicate"        # replicate | fsdp
+  c.mesh.fsdp_min_size = 2**18
+
+  c.probe = ml_collections.ConfigDict()  # the end-of-run linear probe (quickstart)
+  c.probe.enabled = False
+  c.probe.train_examples = 5000
+  c.probe.test_examples = 2000
+  return c
+
+
+_FREE_FORM = ("encoder", "objectives")
+
+
+def validate(config) -> None:
+  """Raises UserError for unknown keys or out-of-range values."""
+  _check_keys(config, default_config(), "config")
+  if config.train.steps < 1:
+    raise UserError(f"config.train.steps must be >= 1, got {config.train.steps}")
+  if config.train.batch_size < 1:
+    raise UserError(f"config.train.batch_size must be >= 1, got {config.train.batch_size}")
+  if config.data.image_size < 8:
+    raise UserError(f"config.data.image_size must be >= 8, got {config.data.image_size}")
+  if config.train.dtype not in ("float32", "bfloat16"):
+    raise UserError(f"config.train.dtype must be float32 or bfloat16, not {config.train.dtype!r}")
+  if not config.objectives:
+    raise UserError("config.objectives is empty; name at least one objective")
+  total = 0.0
+  for name, options in config.objectives.items():
+    weight = dict(options).get("weight", 1.0)
+    if weight < 0:
+      raise UserError(f"config.objectives.{name}.weight must be >= 0, got {weight}")
+    total += weight
+  if total <= 0:
+    raise UserError("the objective weights sum to zero; give at least one a positive weight")
+
+
+def _check_keys(config, reference, prefix):
+  for key in config.keys():
+    if key not in reference:
+      raise UserError(f"unknown config key {prefix}.{key}; valid keys: "
+                      f"{', '.join(sorted(reference.keys()))}")
+    sub, ref = config[key], reference[key]
+    if key in _FREE_FORM and prefix == "config":
+      continue
+    if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, ml_collections.ConfigDict):
+      _check_keys(sub, ref, f"{prefix}.{key}")

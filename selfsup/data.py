@@ -1,0 +1,859 @@
+"""Data sources and the grain host input pipeline.
+
+The data path runs in one direction (see docs/design.md):
+
+  source (random access) -> grain host pipeline -> device (augment, encoder, loss)
+
+A *source* is a random-access sequence (`__len__`, `__getitem__`) of example dicts::
+
+  {'image': uint8 (H, W, 3), 'label': int, 'index': int, ...}
+
+`index` is the position of the example within its (possibly sliced) split. It is stable
+across runs and processes, so objectives that keep per-example state (NAT's target
+table) can key on it. Three kinds of source exist, picked by a spec string:
+
+  synthetic:NAME                    procedural images rendered from their index
+  folder:PATH                       PATH/SPLIT/CLASS/*.jpg|*.jpeg|*.png
+  tfds:NAME[/CONFIG][:VERSION]      a prepared TFDS dataset, read without TensorFlow
+
+The host pipeline only shuffles, shards by process, decodes, resizes to a fixed size and
+batches uint8 images: every random augmentation runs on the device inside the jitted
+step, which keeps hosts from becoming the bottleneck and makes runs reproducible.
+Batches hold exactly the keys `image`, `label` and `index`; source-specific extra labels
+(the synthetic `count`, `position`, `orientation`) are dropped there so every source
+yields the same batch structure; read them from the source itself when needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import copy
+import dataclasses
+import functools
+import json
+import os
+import re
+import threading
+import warnings
+import zlib
+from typing import Any, Protocol, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from selfsup.errors import UserError, unknown_name
+
+__all__ = [
+    'DataSource',
+    'FolderSource',
+    'ShapesSource',
+    'SHAPE_NAMES',
+    'SYNTHETIC_SOURCES',
+    'TfdsSource',
+    'dataset_size',
+    'iterator_state_to_json',
+    'load_arrays',
+    'make_pipeline',
+    'make_source',
+    'resize_and_crop',
+    'restore_iterator_state',
+]
+
+SOURCE_FORMS = ('synthetic:NAME', 'folder:PATH', 'tfds:NAME[/CONFIG][:VERSION]')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+class DataSource(Protocol):
+  """What the pipeline and the evaluators expect from a source."""
+
+  num_classes: int
+  split: str
+  name: str
+  stable_indices: bool
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    ...
+
+
+# ----------------------------------------------------------------------------------------
+# Split strings.
+
+
+_SPLIT_RE = re.compile(r'^\s*([A-Za-z0-9_\-]+)\s*(?:\[\s*([^:\]]*)\s*:\s*([^:\]]*)\s*\])?\s*$')
+
+
+def _parse_split(split: str, what: str) -> tuple[str, str | None, str | None]:
+  """Splits `train[a:b]` into ('train', 'a', 'b'); bounds resolve once the size is known."""
+  m = _SPLIT_RE.match(split)
+  if not m:
+    raise UserError(
+        f'bad split {split!r} for {what}; valid forms: NAME, NAME[START:STOP] '
+        '(integers or percentages, e.g. train[:800], train[10%:])')
+  return m.group(1), m.group(2) or None, m.group(3) or None
+
+
+def _resolve_bound(bound: str | None, n: int, split: str) -> int | None:
+  """Turns one slice bound (`800`, `-100`, `10%`) into an integer for a split of size n."""
+  if bound is None:
+    return None
+  try:
+    if bound.endswith('%'):
+      # Percent bounds round like TFDS so the same split string selects the same range.
+      return int(round(float(bound[:-1]) * n / 100.0))
+    return int(bound)
+  except ValueError:
+    raise UserError(
+        f'bad slice bound {bound!r} in split {split!r}; valid: integers or percentages '
+        '(e.g. train[:800], train[10%:])') from None
+
+
+def _slice_range(split: str, start: str | None, stop: str | None, n: int) -> range:
+  """The positions of the full split that a sliced split selects."""
+  return range(n)[slice(_resolve_bound(start, n, split), _resolve_bound(stop, n, split))]
+
+
+# ----------------------------------------------------------------------------------------
+# synthetic:shapes
+
+
+SHAPE_NAMES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring', 'ellipse',
+               'diamond', 'hexagon', 'heart', 'arrow', 'crescent')
+
+_DEFAULT_SYNTHETIC_LENGTHS = {'train': 20000, 'test': 2000}
+_OTHER_SPLIT_LENGTH = 2000
+
+
+def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """Inside-test of shape `shape` in object coordinates (unit size ~ radius 1)."""
+  if shape == 0:  # circle
+    return u * u + v * v <= 1.0
+  if shape == 1:  # square
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.78
+  if shape in (2, 8):  # triangle, hexagon: regular polygon through its apothem
+    sides = 3 if shape == 2 else 6
+    sector = 2 * np.pi / sides
+    theta = np.mod(np.arctan2(v, u), sector) - sector / 2
+    return np.sqrt(u * u + v * v) * np.cos(theta) <= np.cos(np.pi / sides)
+  if shape == 3:  # five-pointed star: radius a triangle wave of the angle
+    sector = 2 * np.pi / 5
+    t = np.mod(np.arctan2(v, u), sector) / sector
+    return np.sqrt(u * u + v * v) <= 0.42 + 0.58 * np.abs(2 * t - 1)
+  if shape == 4:  # cross
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+  if shape == 5:  # ring
+    r2 = u * u + v * v
+    return (r2 <= 1.0) & (r2 >= 0.36)
+  if shape == 6:  # ellipse: clearly elongated so it is not a circle
+    return u * u + (v / 0.5) ** 2 <= 1.0
+  if shape == 7:  # diamond: an elongated rhombus, so rotation cannot turn a square into it
+    return np.abs(u) + np.abs(v) / 0.55 <= 1.0
+  if shape == 9:  # heart: the classic sextic, flipped because image rows grow downwards
+    x, y = u * 1.25, -v * 1.25 + 0.25
+    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+  if shape == 10:  # arrow: shaft plus head
+    shaft = (np.abs(v) <= 0.2) & (u >= -0.95) & (u <= 0.15)
+    head = (u >= 0.05) & (np.abs(v) <= (0.95 - u) * 0.9)
+    return shaft | head
+  if shape == 11:  # crescent: a disc minus a shifted disc
+    return (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v >= 0.64)
+  raise ValueError(f'no shape {shape}')
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pixel-centre coordinates of a size x size canvas (cached: the same for every image)."""
+  c = np.arange(size, dtype=np.float32) + 0.5
+  return c[None, :].repeat(size, 0), c[:, None].repeat(size, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _upsample_matrix(size: int, cells: int) -> np.ndarray:
+  """Linear interpolation from `cells` control points to `size` pixels (separable noise)."""
+  pos = (np.arange(size) + 0.5) / size * (cells - 1)
+  lo = np.clip(np.floor(pos).astype(int), 0, cells - 2)
+  frac = pos - lo
+  m = np.zeros((size, cells), np.float32)
+  m[np.arange(size), lo] = 1 - frac
+  m[np.arange(size), lo + 1] = frac
+  return m
+
+
+_MAX_TILT = np.deg2rad(25.0)  # objects stand upright, give or take
+
+
+class ShapesSource:
+  """`synthetic:shapes`: procedural shapes on textured backgrounds, rendered from the index.
+
+  Every example is a pure function of (split, position): its generator is seeded from a
+  CRC of the split name and the position, so train and test differ, nothing is stored and
+  runs are reproducible across processes and machines. Labels:
+
+    label        shape class, 0..len(SHAPE_NAMES)-1 (see SHAPE_NAMES)
+    count        number of objects (1..max_objects, all of the same class)
+    position     3x3 grid cell (row * 3 + col) of the first object's centre
+    orientation  tilt of the first object (+-25 degrees) in 8 buckets
+
+  Objects are rendered at twice the resolution and averaged down for light anti-aliasing.
+  The split may be sliced (`train[:800]`, `test[10%:]`); `index` is the position in the
+  sliced split and the image is the one at the same position of the full split.
+  """
+
+  stable_indices = True
+  num_classes = len(SHAPE_NAMES)
+
+  def __init__(self, split: str, image_size: int = 32, length: int | None = None,
+               max_objects: int = 1):
+    base, start, stop = _parse_split(split, 'synthetic:shapes')
+    if image_size < 8:
+      raise UserError(f'synthetic:shapes needs image_size >= 8, got {image_size}')
+    if max_objects < 1:
+      raise UserError(f'synthetic:shapes needs max_objects >= 1, got {max_objects}')
+    if length is not None and length < 1:
+      raise UserError(f'synthetic:shapes needs length >= 1, got {length}')
+    full = length if length is not None else _DEFAULT_SYNTHETIC_LENGTHS.get(
+        base, _OTHER_SPLIT_LENGTH)
+    self.split = split
+    self.name = 'synthetic:shapes' if max_objects == 1 else 'synthetic:shapes_multi'
+    self.image_size = image_size
+    self.max_objects = max_objects
+    self._positions = _slice_range(split, start, stop, full)
+    # The split name only namespaces the seeds; a stable CRC (unlike hash()) keeps images
+    # identical across processes and Python runs.
+    self._split_seed = zlib.crc32(base.encode('utf-8'))
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    i = int(i)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f'index {i} out of range for {len(self)} examples')
+    i %= len(self)
+    rng = np.random.default_rng([self._split_seed, self._positions[i]])
+    return self._render(rng, i)
+
+  def _render(self, rng: np.random.Generator, index: int) -> dict[str, Any]:
+    s = 2 * self.image_size  # Supersampled canvas.
+    x, y = _grid(s)
+    shape = int(rng.integers(self.num_classes))
+    count = int(rng.integers(1, self.max_objects + 1))
+
+    # Background: a base colour mixed with a second colour through a low-frequency
+    # pattern (stripes or smooth noise), so the object is not the only structure. Darker
+    # backgrounds than objects (any hue) make the object's silhouette carry a consistent
+    # sign: with free colours a linear probe on pixels was near chance (11% vs 8%), with
+    # this about 20%, leaving a wide gap for learned features to show.
+    bg = rng.uniform(0, 0.5, 3).astype(np.float32)
+    bg2 = rng.uniform(0, 0.5, 3).astype(np.float32)
+    if rng.random() < 0.5:
+      phi = rng.uniform(0, np.pi)
+      freq = rng.uniform(2, 6) * 2 * np.pi / s
+      t = 0.5 + 0.5 * np.sin(freq * (np.cos(phi) * x + np.sin(phi) * y) + rng.uniform(0, 6.3))
+    else:
+      m = _upsample_matrix(s, 5)
+      t = m @ rng.uniform(0, 1, (5, 5)).astype(np.float32) @ m.T
+    t = (t * rng.uniform(0.2, 0.5)).astype(np.float32)
+    # Channels first: numpy broadcasts over a trailing axis of 3 several times slower.
+    canvas = bg[:, None, None] + (bg2 - bg)[:, None, None] * t
+    # Objects have a canonical "up", as in photographs: they stand upright (tilt of
+    # +-25 degrees only) and cast a shadow below. Without it rotation prediction is
+    # ill-posed (a randomly rotated shape turned by 90 degrees is as likely as the
+    # original); a global cue instead (a brighter sky, a horizon) was a shortcut that
+    # rotation solved from the background alone, learning nothing about the shapes.
+
+    # Several objects share the canvas, so they get smaller.
+    r_lo, r_hi = (0.2, 0.36) if count == 1 else (0.11, 0.18)
+    centres: list[tuple[float, float, float]] = []
+    first_angle = 0.0
+    for k in range(count):
+      r = rng.uniform(r_lo, r_hi) * s
+      # A few tries to keep objects apart so `count` is visible; overlap is rare and okay.
+      for _ in range(10):
+        cx, cy = rng.uniform(r, s - r, 2)
+        if all((cx - ox) ** 2 + (cy - oy) ** 2 > (r + orad) ** 2 for ox, oy, orad in centres):
+          break
+      centres.append((cx, cy, r))
+      angle = rng.uniform(-_MAX_TILT, _MAX_TILT)
+      # A soft shadow just below the object (darkens, never lightens).
+      shadow = ((x - cx) / r) ** 2 + ((y - cy - 1.05 * r) / (0.22 * r)) ** 2 < 1.0
+      canvas = np.where(shadow[None], 0.55 * canvas, canvas)
+      if k == 0:
+        first_angle = angle
+      ca, sa = np.cos(angle), np.sin(angle)
+      # Only the object's bounding box is evaluated: no shape reaches beyond 1.15 r.
+      y0, y1 = max(0, int(cy - 1.15 * r)), min(s, int(cy + 1.15 * r) + 2)
+      x0, x1 = max(0, int(cx - 1.15 * r)), min(s, int(cx + 1.15 * r) + 2)
+      dx, dy = (x[y0:y1, x0:x1] - cx) / r, (y[y0:y1, x0:x1] - cy) / r
+      mask = _shape_mask(shape, ca * dx + sa * dy, -sa * dx + ca * dy)
+      # The object colour keeps a clear distance from the mean background colour.
+      mean_bg = 0.5 * (bg + bg2)
+      for _ in range(10):
+        colour = rng.uniform(0.45, 1, 3).astype(np.float32)
+        if np.abs(colour - mean_bg).sum() > 0.7:
+          break
+      np.copyto(canvas[:, y0:y1, x0:x1], colour[:, None, None], where=mask)
+
+    # 2x2 box filter; four strided adds are several times faster than a reshaped mean.
+    image = 0.25 * (canvas[:, 0::2, 0::2] + canvas[:, 1::2, 0::2]
+                    + canvas[:, 0::2, 1::2] + canvas[:, 1::2, 1::2])
+    cx, cy, _ = centres[0]
+    position = min(int(cy / s * 3), 2) * 3 + min(int(cx / s * 3), 2)
+    orientation = min(int((first_angle + _MAX_TILT) / (2 * _MAX_TILT) * 8), 7)
+    return {
+        'image': np.ascontiguousarray((image * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)),
+        'label': shape,
+        'index': index,
+        'count': count,
+        'position': position,
+        'orientation': orientation,
+    }
+
+
+SYNTHETIC_SOURCES: dict[str, dict[str, Any]] = {
+    'shapes': dict(max_objects=1),
+    # Counting needs more than one object per image.
+    'shapes_multi': dict(max_objects=4),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# folder:PATH
+
+
+def _list_images(directory: str) -> list[str]:
+  return sorted(f for f in os.listdir(directory)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(directory, f)))
+
+
+class _CorruptLog:
+  """Unreadable files met so far; shared by a FolderSource and its resized copies."""
+
+  def __init__(self):
+    self.bad: set[int] = set()
+    self.warned = False
+    self.lock = threading.Lock()  # grain reads from several threads.
+
+  def __getstate__(self):
+    # Locks do not pickle (grain worker processes receive a copy of the source).
+    return {'bad': set(self.bad), 'warned': self.warned}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.lock = threading.Lock()
+
+
+class FolderSource:
+  """`folder:PATH`: images under PATH/SPLIT/CLASS/*.jpg|*.jpeg|*.png.
+
+  Classes are the sorted subfolder names of PATH/SPLIT and `label` is a class's position
+  among them; files are sorted within a class. Construction only lists files (a folder may
+  hold millions of images); images are decoded on access with PIL and converted to RGB.
+
+  A file that cannot be decoded is skipped: the source counts it (`num_corrupt`, files
+  seen in this process), warns once, and returns the next readable example (index + 1,
+  index + 2, ... wrapping around) with that example's own `index`, so the result is
+  deterministic. With `strict=True` it raises a `UserError` naming the file instead.
+
+  `draft_size`, when given, lets the JPEG decoder downscale by a power of two while
+  keeping both sides >= draft_size: several times faster for large photos that are
+  resized to a small fixed size anyway. The pipeline sets it itself (`for_image_size`),
+  so it never falls below the size that is finally used.
+  """
+
+  stable_indices = True
+
+  def __init__(self, root: str, split: str, strict: bool = False,
+               draft_size: int | None = None):
+    base, start, stop = _parse_split(split, f'folder:{root}')
+    layout = f'expected layout {os.path.join(root, "SPLIT", "CLASS", "*.jpg|*.jpeg|*.png")}'
+    if not os.path.isdir(root):
+      raise UserError(f'folder:{root}: no such directory; {layout}')
+    split_dir = os.path.join(root, base)
+    if not os.path.isdir(split_dir):
+      existing = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+      raise UserError(f'folder:{root}: no split {base!r} ({split_dir} is missing); '
+                      f'splits found: {", ".join(existing) or "none"}; {layout}')
+    classes = sorted(d for d in os.listdir(split_dir)
+                     if os.path.isdir(os.path.join(split_dir, d)))
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+      for f in _list_images(os.path.join(split_dir, cls)):
+        files.append(os.path.join(split_dir, cls, f))
+        labels.append(label)
+    if not files:
+      raise UserError(f'folder:{root}: no images (.jpg, .jpeg, .png) in the class folders of '
+                      f'{split_dir} ({len(classes)} class folders found); {layout}')
+    keep = _slice_range(split, start, stop, len(files))
+    if not len(keep):
+      raise UserError(f'folder:{root}: split {split!r} selects none of {len(files)} images')
+    self.root = root
+    self.split = split
+    self.name = f'folder:{root}'
+    self.classes = classes
+    self.num_classes = len(classes)
+    self.strict = strict
+    self.draft_size = draft_size
+    self._files = [files[k] for k in keep]
+    self._labels = [labels[k] for k in keep]
+    self._log = _CorruptLog()
+
+  @property
+  def num_corrupt(self) -> int:
+    """Number of distinct unreadable files met so far in this process."""
+    return len(self._log.bad)
+
+  @property
+  def files(self) -> Sequence[str]:
+    return tuple(self._files)
+
+  def for_image_size(self, image_size: int) -> 'FolderSource':
+    """A copy that decodes JPEGs at reduced size, still >= image_size on both sides.
+
+    The copy shares the file lists and the corrupt-file count with this source.
+    """
+    other = copy.copy(self)
+    other.draft_size = image_size
+    return other
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def _decode(self, path: str) -> np.ndarray:
+    with Image.open(path) as img:
+      if self.draft_size:
+        img.draft('RGB', (self.draft_size, self.draft_size))
+      return np.asarray(img.convert('RGB'))
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    n = len(self._files)
+    i = int(i)
+    if not -n <= i < n:
+      raise IndexError(f'index {i} out of range for {n} examples')
+    i %= n
+    for k in range(n):
+      j = (i + k) % n
+      if j in self._log.bad:
+        continue
+      try:
+        image = self._decode(self._files[j])
+      except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        if self.strict:
+          raise UserError(f'{self.name}: cannot read image {self._files[j]} ({e}); fix or '
+                          'remove it, or read with strict=False to skip bad files') from None
+        self._mark_bad(j)
+        continue
+      return {'image': image, 'label': self._labels[j], 'index': j}
+    raise UserError(f'{self.name}: none of the {n} images of split {self.split!r} '
+                    'could be read')
+
+  def _mark_bad(self, j: int) -> None:
+    log = self._log
+    with log.lock:
+      log.bad.add(j)
+      if log.warned:
+        return
+      log.warned = True
+      count = len(log.bad)
+    warnings.warn(f'{self.name}: skipping unreadable image {self._files[j]} '
+                  f'({count} corrupt so far; only this first one is reported, see '
+                  'num_corrupt); the next readable image is used in its place',
+                  stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------
+# tfds:NAME[/CONFIG][:VERSION]
+
+
+def _tfds_prepare_hint(name: str) -> str:
+  base = name.split(':')[0]
+  return (f'prepare it with `pip install selfsup[prepare]` and `tfds build {base} '
+          '--file_format=array_record` (random access needs array_record files), or pass '
+          'data_dir=DIR holding a prepared copy')
+
+
+class TfdsSource:
+  """`tfds:NAME[/CONFIG][:VERSION]`: a prepared TFDS dataset through `tfds.data_source`.
+
+  Reads array_record files with random access and no TensorFlow. The split string passes
+  through to TFDS (`train`, `train[:800]`, `test[10%:]`); `index` is the position within
+  the sliced split. Images come from the `image` feature (grayscale tiled to 3 channels),
+  labels from `label`. Nothing is downloaded here: preparing needs TensorFlow, which is
+  the `prepare` extra.
+  """
+
+  stable_indices = True
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    self.name = f'tfds:{name}'
+    self.split = split
+    self.data_dir = data_dir
+    try:
+      # download=False: a training run must never start a multi-GB download by itself.
+      ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise UserError(f'unknown TFDS dataset {name!r}; `tfds.list_builders()` lists the '
+                      'valid names; form: tfds:NAME[/CONFIG][:VERSION]') from None
+    except Exception as e:  # pylint: disable=broad-except
+      # TFDS reports an unprepared dataset through several exception types and messages;
+      # asking the builder is the reliable way to tell that case from a bad split.
+      raise self._explain(tfds, name, split, data_dir, e) from None
+    features = getattr(getattr(ds, 'dataset_info', None), 'features', None)
+    keys = list(features.keys()) if features is not None else []
+    if features is not None and ('image' not in keys or 'label' not in keys):
+      raise UserError(f'{self.name} has features {keys}; selfsup needs an `image` and a '
+                      '`label` feature')
+    num_classes = None
+    try:
+      num_classes = int(features['label'].num_classes)
+    except (AttributeError, KeyError, TypeError, ValueError):
+      pass
+    if not num_classes:
+      raise UserError(f'{self.name}: cannot tell the number of classes (its `label` feature '
+                      'is not a ClassLabel); use a classification dataset')
+    self.num_classes = num_classes
+    self._ds = ds
+    self._len = len(ds)
+
+  @staticmethod
+  def _explain(tfds, name: str, split: str, data_dir: str | None, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception:  # pylint: disable=broad-except
+      base, _, config = name.split(':')[0].partition('/')
+      try:
+        configs = [c.name for c in getattr(tfds.builder_cls(base), 'BUILDER_CONFIGS', ())]
+      except Exception:  # pylint: disable=broad-except
+        configs = []
+      if config and not configs:
+        return UserError(f'TFDS dataset {base!r} has no configs; use tfds:{base}')
+      if config and config.split('/')[0] not in configs:
+        return UserError(f'unknown config {config!r} of TFDS dataset {base!r}; valid configs: '
+                         f'{", ".join(configs)}')
+      # TFDS prefixes the reason with the builder kwargs ('Failed to construct ...": ').
+      return UserError(f'tfds:{name}: {first.rsplit(chr(34) + ": ", 1)[-1]}')
+    if not builder.is_prepared():
+      where = data_dir or 'the default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)'
+      return UserError(f'TFDS dataset {name!r} is not prepared in {where}; '
+                       f'{_tfds_prepare_hint(name)}')
+    if 'file format' in first.lower() or 'random access' in first.lower():
+      return UserError(f'TFDS dataset {name!r} is prepared without random access; '
+                       f'{_tfds_prepare_hint(name)}')
+    splits = ', '.join(sorted(builder.info.splits.keys()))
+    return UserError(f'tfds:{name}: cannot read split {split!r} ({first}); splits: {splits}')
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    i = int(i)
+    if not -self._len <= i < self._len:
+      raise IndexError(f'index {i} out of range for {self._len} examples')
+    i %= self._len
+    ex = self._ds[i]
+    image = np.asarray(ex['image'])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    elif image.shape[-1] == 4:  # RGBA: drop alpha, as PIL's convert('RGB') does.
+      image = image[..., :3]
+    return {'image': image.astype(np.uint8, copy=False), 'label': int(ex['label']), 'index': i}
+
+
+# ----------------------------------------------------------------------------------------
+# Spec strings.
+
+
+def make_source(spec: str, split: str, *, image_size: int = 32, strict: bool = False,
+                data_dir: str | None = None) -> DataSource:
+  """Builds a source from `synthetic:NAME`, `folder:PATH` or `tfds:NAME[/CONFIG][:VERSION]`.
+
+  Args:
+    spec: the source spec.
+    split: the split (`train`, `test`, ... optionally sliced: `train[:800]`).
+    image_size: rendering size of synthetic images (other sources are resized by the
+      pipeline).
+    strict: folder sources raise on an unreadable file instead of skipping it.
+    data_dir: TFDS data directory (default: TFDS's own default).
+
+  Returns:
+    The random-access source.
+
+  Raises:
+    UserError: on an unknown scheme or name, or a source that cannot be read.
+  """
+  scheme, sep, rest = str(spec).partition(':')
+  if not sep or scheme not in ('synthetic', 'folder', 'tfds'):
+    raise UserError(f'unknown data source {spec!r}; valid forms: {", ".join(SOURCE_FORMS)}')
+  if not rest:
+    raise UserError(f'data source {spec!r} lacks a name or path; valid forms: '
+                    f'{", ".join(SOURCE_FORMS)}')
+  if scheme == 'synthetic':
+    if rest not in SYNTHETIC_SOURCES:
+      raise unknown_name('synthetic dataset', rest, SYNTHETIC_SOURCES)
+    return ShapesSource(split, image_size=image_size, **SYNTHETIC_SOURCES[rest])
+  if scheme == 'folder':
+    return FolderSource(rest, split, strict=strict)
+  return TfdsSource(rest, split, data_dir=data_dir)
+
+
+def dataset_size(source: DataSource) -> int:
+  """Number of examples in a source."""
+  return len(source)
+
+
+# ----------------------------------------------------------------------------------------
+# Host preprocessing and the grain pipeline.
+
+
+def resize_and_crop(image: np.ndarray, image_size: int) -> np.ndarray:
+  """Resizes the shorter side to image_size (bilinear, antialiased) and centre-crops a square."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  h, w = image.shape[:2]
+  if (h, w) == (image_size, image_size):
+    return image.astype(np.uint8, copy=False)
+  scale = image_size / min(h, w)
+  nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
+  if (nh, nw) != (h, w):
+    # PIL's bilinear filter widens its support when shrinking: that is the antialiasing.
+    image = np.asarray(Image.fromarray(image.astype(np.uint8, copy=False)).resize(
+        (nw, nh), Image.BILINEAR))
+  top, left = (nh - image_size) // 2, (nw - image_size) // 2
+  return image[top:top + image_size, left:left + image_size]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocess:
+  """Decode + fixed-size resize; a picklable top-level callable for grain workers."""
+
+  image_size: int
+
+  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
+        'image': np.ascontiguousarray(resize_and_crop(example['image'], self.image_size)),
+        'label': np.int32(example['label']),
+        'index': np.int32(example['index']),
+    }
+
+
+def _sized(source: DataSource, image_size: int) -> DataSource:
+  # Sources that can decode cheaper at a known output size (JPEG draft mode) say so.
+  for_size = getattr(source, 'for_image_size', None)
+  return for_size(image_size) if for_size is not None else source
+
+
+def _shuffle_seed(seed: int) -> int:
+  # grain seeds epoch e with (seed + e): mixing the user seed first keeps seed s + 1 from
+  # replaying the epochs of seed s shifted by one.
+  return int(np.random.SeedSequence([int(seed) % 2**63, 0x5EED]).generate_state(1)[0])
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # grain's multiprocess prefetch reads an absl flag (worker profiling) and fails with
+  # UnparsedFlagAccessError outside an absl app (pytest, notebooks); defaults are right.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed: int,
+                  shuffle: bool = True, num_epochs: int | None = None,
+                  drop_remainder: bool = True, num_workers: int = 0, prefetch: int = 2,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.DatasetIterator:
+  """Builds this process's checkpointable iterator of uint8 batches.
+
+  Order: shuffle the whole source (a fresh permutation every epoch, a pure function of
+  `seed`), keep this process's stride of it, repeat, decode + resize, batch. Shuffling
+  before sharding means every process sees a different random subset each epoch while the
+  processes stay disjoint within an epoch. With several processes each epoch is cut to a
+  multiple of `process_count` so all processes yield the same number of batches (a
+  shorter one would hang the collectives of the others).
+
+  The batches are a pure function of (source, seed, batch_size, process_index,
+  process_count, num_workers): with workers, each worker batches its own stride of the
+  examples, so changing num_workers changes the batches, and a saved iterator state only
+  restores into a pipeline built with the same arguments.
+
+  Args:
+    source: a random-access source (see `make_source`).
+    batch_size: the GLOBAL batch size; each process yields batch_size // process_count.
+    image_size: output height and width.
+    seed: shuffle seed.
+    shuffle: whether to shuffle (False keeps source order: evaluation).
+    num_epochs: passes over the data; None repeats forever.
+    drop_remainder: drop a last partial batch (only matters with finite num_epochs).
+    num_workers: grain worker processes for decoding (0: threads in this process).
+    prefetch: batches buffered ahead (per worker when num_workers > 0).
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    A grain `DatasetIterator` of dicts `image` uint8 (b, image_size, image_size, 3),
+    `label` int32 (b,), `index` int32 (b,). Save and restore its position with
+    `iterator_state_to_json` / `restore_iterator_state`.
+
+  Raises:
+    UserError: on invalid sizes or a batch that does not divide over the processes.
+  """
+  process_index, process_count = _process_defaults(process_index, process_count)
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise UserError(f'process_index must be in [0, process_count); got {process_index} of '
+                    f'{process_count}')
+  if batch_size < 1 or batch_size % process_count:
+    raise UserError(f'global batch_size {batch_size} must be a positive multiple of the '
+                    f'number of processes ({process_count})')
+  if image_size < 1:
+    raise UserError(f'image_size must be positive, got {image_size}')
+  if num_epochs is not None and num_epochs < 1:
+    raise UserError(f'num_epochs must be a positive integer or None, got {num_epochs}')
+  if num_workers < 0 or prefetch < 1:
+    raise UserError(f'num_workers must be >= 0 and prefetch >= 1; got {num_workers} and '
+                    f'{prefetch}')
+  local_batch = batch_size // process_count
+  n = len(source)
+  per_process = n // process_count
+  if per_process < 1:
+    raise UserError(f'{getattr(source, "name", "source")} has {n} examples, fewer than the '
+                    f'{process_count} processes')
+
+  ds = grain.MapDataset.source(_sized(source, image_size))
+  if shuffle:
+    ds = ds.shuffle(seed=_shuffle_seed(seed))
+  if process_count > 1:
+    ds = ds[:per_process * process_count][process_index::process_count]
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(_Preprocess(image_size))
+  # Per-example reads run in a thread pool; batching after it keeps the buffer in
+  # examples small instead of holding hundreds of whole batches.
+  read = grain.ReadOptions(num_threads=16 if num_workers == 0 else 4,
+                           prefetch_buffer_size=max(prefetch * local_batch, 16))
+  it_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=drop_remainder)
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=prefetch))
+  return iter(it_ds)
+
+
+def _to_jsonable(x: Any) -> Any:
+  """Makes a grain state JSON-serialisable without losing types json would change.
+
+  grain's states are dicts of ints and lists today, but its docs reserve the right to
+  change the format: bytes, numpy scalars and non-string dict keys are encoded so that
+  `_from_jsonable` gives back exactly what `get_state` returned.
+  """
+  if isinstance(x, dict):
+    if all(isinstance(k, str) for k in x):
+      return {k: _to_jsonable(v) for k, v in x.items()}
+    return {'__items__': [[_to_jsonable(k), _to_jsonable(v)] for k, v in x.items()]}
+  if isinstance(x, (list, tuple)):
+    return [_to_jsonable(v) for v in x]
+  if isinstance(x, bytes):
+    return {'__bytes__': base64.b64encode(x).decode('ascii')}
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return x
+
+
+def _from_jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    if set(x) == {'__bytes__'}:
+      return base64.b64decode(x['__bytes__'])
+    if set(x) == {'__items__'}:
+      return {_from_jsonable(k): _from_jsonable(v) for k, v in x['__items__']}
+    return {k: _from_jsonable(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_from_jsonable(v) for v in x]
+  return x
+
+
+def iterator_state_to_json(it: grain.DatasetIterator) -> str:
+  """The iterator's position as a JSON string (what checkpoints store)."""
+  return json.dumps(_to_jsonable(it.get_state()))
+
+
+def restore_iterator_state(it: grain.DatasetIterator, state_json: str) -> grain.DatasetIterator:
+  """Moves a fresh iterator, built with the same arguments, to a saved position.
+
+  Returns the iterator for chaining.
+
+  Raises:
+    UserError: when the state is not JSON or is not a state of this kind of pipeline
+      (e.g. saved with num_workers > 0 and restored with 0, or the reverse).
+  """
+  try:
+    it.set_state(_from_jsonable(json.loads(state_json)))
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise UserError(f'cannot restore the input pipeline from the saved iterator state '
+                    f'({type(e).__name__}: {e}); build the pipeline with the arguments of '
+                    'the saved run (num_workers in particular)') from None
+  return it
+
+
+# ----------------------------------------------------------------------------------------
+# Whole small sources as arrays (evaluation).
+
+
+def load_arrays(source: DataSource, image_size: int,
+                max_examples: int | None = None,
+                num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a (small) source in order into arrays for feature extraction.
+
+  Examples whose `index` is not their own position (a folder's substitute for a corrupt
+  file) are dropped, so each readable example appears exactly once.
+
+  Args:
+    source: the source.
+    image_size: output height and width.
+    max_examples: read only the first max_examples.
+    num_threads: decoding threads (default: a few per CPU; PIL and numpy release the GIL).
+
+  Returns:
+    images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
+  """
+  n = len(source) if max_examples is None else min(len(source), max(0, int(max_examples)))
+  images = np.zeros((n, image_size, image_size, 3), np.uint8)
+  labels = np.zeros((n,), np.int32)
+  keep = np.ones((n,), bool)
+  prep = _Preprocess(image_size)
+  source = _sized(source, image_size)
+
+  def work(lo: int, hi: int) -> None:
+    for i in range(lo, hi):
+      ex = prep(source[i])
+      images[i], labels[i] = ex['image'], ex['label']
+      keep[i] = int(ex['index']) == i
+
+  chunk = 256
+  threads = num_threads or min(32, 4 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for f in [pool.submit(work, lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]:
+      f.result()  # Re-raises a worker's error here.
+  if not keep.all():
+    images, labels = images[keep], labels[keep]
+  return images, labels

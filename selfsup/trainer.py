@@ -1,0 +1,299 @@
+"""The trainer: build everything from a config, then run the jitted step in a loop.
+
+`Trainer(config, workdir)` builds the mesh, data source and pipeline, encoder,
+objectives, optimizer and the sharded train state (restored from the newest complete
+checkpoint in `workdir` when there is one). `train_step(state, batch)` is one pure
+function, jitted with donated state: augmentation, encoder, heads, loss, gradients,
+optimizer update, objectives' post-update. `Trainer.run()` loops, logs, runs host hooks
+and checkpoints (also on SIGTERM, for preemption).
+"""
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import encoders
+import objectives as objectives_lib
+from objectives.base import HostContext
+from selfsup import checkpoint as ckpt_lib
+from selfsup import config as config_lib
+from selfsup import data as data_lib
+from selfsup import optim, sharding
+from selfsup.errors import UserError
+from selfsup.metrics_log import MetricsLogger
+from selfsup.model import PretextModel
+
+CONFIG_FILE = "config.json"
+
+
+def build_model(config, num_classes: int = 0):
+  """The PretextModel a config describes (also used by evals to rebuild the encoder)."""
+  encoder = encoders.build_encoder(config.encoder, config.train.dtype)
+  dtype = encoders.DTYPES[config.train.dtype]
+  names, templates, weights = [], [], []
+  for name, options in config.objectives.items():
+    options = dict(options)
+    weights.append(float(options.pop("weight", 1.0)))
+    templates.append(objectives_lib.build_objective(
+        name, options, image_size=config.data.image_size, dtype=dtype))
+    names.append(name)
+  return PretextModel(encoder=encoder, objectives=tuple(templates), names=tuple(names),
+                      weights=tuple(weights), num_classes=num_classes)
+
+
+def check_workdir_config(workdir: str, config) -> None:
+  """A workdir belongs to one encoder/objective setup: refuse to resume another."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  for section in ("encoder", "objectives"):
+    now = json.loads(config[section].to_json())
+    if saved.get(section) != now:
+      raise UserError(
+          f"{workdir} holds a run with {section} {json.dumps(saved.get(section))}, not "
+          f"{json.dumps(now)}; use a new --workdir or the original config")
+
+
+def save_config(workdir: str, config) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json(indent=2))
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a training workdir (no {CONFIG_FILE}); pass the "
+                    "--workdir given to selfsup.train")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+class Trainer:
+  def __init__(self, config, workdir: str | None, *, devices=None,
+               async_checkpoints: bool = True):
+    """workdir=None builds everything but checkpoints and logs (benchmarks, notebooks)."""
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = workdir
+    if workdir is not None:
+      check_workdir_config(workdir, config)
+    self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices)
+    data_ways = self.mesh.shape["data"]
+    if config.train.batch_size % data_ways:
+      raise UserError(f"config.train.batch_size={config.train.batch_size} does not divide over "
+                      f"the {data_ways} data-parallel devices; use a multiple of {data_ways}")
+
+    self.source = data_lib.make_source(
+        config.data.source, config.data.train_split, image_size=config.data.image_size,
+        strict=config.data.strict, data_dir=config.data.data_dir or None)
+    self.model = build_model(config, self.source.num_classes if config.train.online_probe else 0)
+    for template in self.model.objectives:
+      if template.needs_stable_indices and not getattr(self.source, "stable_indices", False):
+        raise UserError(f"objective {type(template).__name__} needs a source with stable "
+                        f"example indices; {config.data.source} has none")
+      template.validate(image_size=config.data.image_size, dataset=self.source)
+
+    extra_groups = {}
+    for name, template in zip(self.model.names, self.model.objectives):
+      for label, (predicate, builder) in template.optimizer_groups().items():
+        extra_groups[f"{name}/{label}"] = (
+            lambda path, n=name, p=predicate: path[0] == n and p(path[1:]), builder)
+    self.tx, self.lr_schedule = optim.build_optimizer(
+        config.optimizer, batch_size=config.train.batch_size, total_steps=config.train.steps,
+        extra_groups=extra_groups)
+    self._init_state()
+    self.iterator = self._make_iterator()
+    self.checkpointer = None
+    if workdir is not None:
+      self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                keep=config.train.keep_checkpoints,
+                                                async_save=async_checkpoints)
+      latest = self.checkpointer.latest_step()
+      if latest is not None:
+        self.state, data_state = self.checkpointer.restore(
+            latest, ckpt_lib.abstract_like(self.state))
+        data_lib.restore_iterator_state(self.iterator, data_state["iterator"])
+      save_config(workdir, config)
+    self._step_fn = self._make_step()
+
+  # ---- state -----------------------------------------------------------------------
+  def _dummy_batch(self, n):
+    s = self.config.data.image_size
+    return {"image": jnp.zeros((n, s, s, 3), jnp.uint8), "label": jnp.zeros((n,), jnp.int32),
+            "index": jnp.arange(n, dtype=jnp.int32)}
+
+  def _init_state(self):
+    config = self.config
+
+    def init(rng):
+      k_param, k_aug, k_train = jax.random.split(rng, 3)
+      variables = self.model.init({"params": k_param, "augment": k_aug},
+                                  self._dummy_batch(2), train=True, step=0)
+      params = variables["params"]
+      return {
+          "step": jnp.zeros((), jnp.int32),
+          "params": params,
+          "batch_stats": variables.get("batch_stats", {}),
+          "objective_state": variables.get("objective_state", {}),
+          "opt_state": self.tx.init(params),
+          "rng": k_train,
+      }
+
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    strategy, min_size = config.mesh.sharding, config.mesh.fsdp_min_size
+    shardings = {
+        k: sharding.tree_shardings(v, self.mesh, strategy, min_size) for k, v in abstract.items()}
+    # Large objective tables (NAT's per-example targets) are split over "data" always.
+    shardings["objective_state"] = sharding.tree_shardings(
+        abstract["objective_state"], self.mesh, "fsdp", min_size)
+    shardings["step"] = sharding.replicated(self.mesh)
+    shardings["rng"] = sharding.replicated(self.mesh)
+    self.state_shardings = shardings
+    with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh:
+      self.state = jax.jit(init, out_shardings=shardings)(rng)
+
+  def _make_iterator(self):
+    c = self.config
+    return data_lib.make_pipeline(
+        self.source, batch_size=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
+        shuffle=True, num_workers=c.data.num_workers, prefetch=c.data.prefetch)
+
+  # ---- the step --------------------------------------------------------------------
+  def _make_step(self):
+    model, tx, lr_schedule = self.model, self.tx, self.lr_schedule
+
+    def train_step(state, batch):
+      step = state["step"]
+      rng = jax.random.fold_in(state["rng"], step)
+
+      def loss_fn(params):
+        variables = {"params": params, "batch_stats": state["batch_stats"],
+                     "objective_state": state["objective_state"]}
+        (loss, metrics, host), updates = model.apply(
+            variables, batch, train=True, step=step, rngs={"augment": rng},
+            mutable=["batch_stats", "objective_state"])
+        return loss, (metrics, host, updates)
+
+      grads, (metrics, host, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
+      param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], param_updates)
+      objective_state = dict(updates.get("objective_state", state["objective_state"]))
+      for name, template in zip(model.names, model.objectives):
+        if name in objective_state:
+          objective_state[name] = template.post_update(objective_state[name], params, step)
+      metrics = dict(metrics)
+      metrics["loss"] = metrics["pretext_loss"]
+      metrics["lr"] = lr_schedule(step)
+      metrics["grad_norm"] = optax.global_norm(grads)
+      metrics["param_norm"] = optax.global_norm(params["encoder"])
+      new_state = {
+          "step": step + 1, "params": params,
+          "batch_stats": updates.get("batch_stats", state["batch_stats"]),
+          "objective_state": objective_state, "opt_state": opt_state, "rng": state["rng"]}
+      return new_state, metrics, host
+
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    return jax.jit(train_step, donate_argnums=(0,),
+                   out_shardings=(self.state_shardings, None, None))
+
+  def shard_batch(self, batch: dict) -> dict:
+    keep = {k: v for k, v in batch.items() if k in ("image", "label", "index")}
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in keep.items()}
+
+  def train_step(self, batch):
+    """One step on a host batch; returns the metrics (device arrays) and host outputs."""
+    self.state, metrics, host = self._step_fn(self.state, self.shard_batch(batch))
+    return metrics, host
+
+  # ---- the loop --------------------------------------------------------------------
+  def run(self, *, stop_after: int | None = None) -> dict:
+    """Trains to config.train.steps; returns the last logged metrics.
+
+    stop_after: stop (without a final checkpoint, as a crash would) once this many steps
+    ran in this call; used to test resumption.
+    """
+    c = self.config
+    total = c.train.steps
+    start = int(jax.device_get(self.state["step"]))
+    logger = MetricsLogger(self.workdir, total_steps=total, start_step=start,
+                           progress_bar=c.train.progress_bar)
+    hooked = [(n, t) for n, t in zip(self.model.names, self.model.objectives) if t.has_host_hook]
+    ctx = HostContext(steps_per_epoch=max(1, len(self.source) // c.train.batch_size),
+                      dataset_size=len(self.source))
+    preempted = {"flag": False}
+    previous = None
+    try:
+      previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    except ValueError:  # not the main thread
+      pass
+    last = {}
+    window_start, window_images = time.perf_counter(), 0
+    ran = 0
+    try:
+      for step in range(start, total):
+        batch = next(self.iterator)
+        metrics, host = self.train_step(batch)
+        if hooked:
+          self._run_host_hooks(hooked, host, step, ctx)
+        window_images += c.train.batch_size
+        ran += 1
+        done = step + 1
+        if done % c.train.log_every == 0 or done == total:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - window_start
+          last = {k: float(v) for k, v in metrics.items()}
+          last["images_per_s"] = window_images / max(elapsed, 1e-9)
+          logger.log(done, last)
+          window_start, window_images = time.perf_counter(), 0
+        logger.advance(done)
+        if stop_after is not None and ran >= stop_after:
+          return last
+        if done % c.train.checkpoint_every == 0 or done == total or preempted["flag"]:
+          self.save(done)
+        if preempted["flag"]:
+          logger.message(f"SIGTERM: saved step {done}; rerun the same command to resume")
+          break
+    finally:
+      self.checkpointer.wait()
+      logger.close()
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    return last
+
+  def save(self, step: int) -> None:
+    self.checkpointer.save(
+        step, self.state, {"iterator": data_lib.iterator_state_to_json(self.iterator)},
+        force=True)
+
+  def _run_host_hooks(self, hooked, host, step, ctx):
+    host = jax.device_get(host)
+    state = self.state
+    objective_state = dict(state["objective_state"])
+    for name, template in hooked:
+      local = jax.device_get(objective_state[name])
+      new = template.host_update(local, host.get(name), step, ctx)
+      if new is not local:
+        objective_state[name] = jax.device_put(new, self.state_shardings["objective_state"][name])
+    state["objective_state"] = objective_state
+
+
+def train(config, workdir: str, **kwargs) -> dict:
+  """Python API: trains (or resumes) a run in `workdir`; returns the last metrics."""
+  return Trainer(config, workdir, **kwargs).run()

@@ -1,0 +1,42 @@
+"""Shared test fixtures: tiny configs that train in seconds on one CPU core."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def tiny_config(objectives="rotation", steps=6, batch_size=16, image_size=16):
+  """A config small enough for a unit test: tiny CNN, 16x16 synthetic shapes."""
+  from experiments.quickstart import get_config
+  c = get_config(objectives)
+  c.data.image_size = image_size
+  c.train.steps = steps
+  c.train.batch_size = batch_size
+  c.train.log_every = 1
+  c.train.checkpoint_every = 3
+  c.train.progress_bar = False
+  c.optimizer.warmup_steps = 0
+  c.probe.enabled = False
+  c.encoder = {"name": "tiny_cnn", "width_multiplier": 0.5}
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config
+
+
+def run_cli(args, env_extra=None, timeout=300):
+  """Runs `python -m ...` in a subprocess from the repository root."""
+  import subprocess
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)

@@ -1,0 +1,70 @@
+"""Encoder shapes, feature maps by stride, masks, and the registry's errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from encoders import PatchMask, build_encoder
+from selfsup.errors import UserError
+
+
+@pytest.mark.parametrize("cfg,dim,strides", [
+    (dict(name="tiny_cnn"), 128, (2, 4, 8, 16)),
+    (dict(name="resnet18", cifar_stem=True, width_multiplier=0.125), 64, (1, 2, 4, 8)),
+    (dict(name="resnet50", width_multiplier=0.125), 256, (4, 8, 16, 32)),
+])
+def test_convnet_outputs(cfg, dim, strides):
+  enc = build_encoder(ConfigDict(cfg))
+  x = jnp.ones((2, 32, 32, 3))
+  v = enc.init(jax.random.key(0), x, train=False)
+  out = enc.apply(v, x, train=False)
+  assert out.pooled.shape == (2, dim) and out.pooled.dtype == jnp.float32
+  assert tuple(sorted(out.maps)) == strides
+  for s, m in out.maps.items():
+    assert m.shape[1:3] == (32 // s, 32 // s)
+
+
+def test_convnet_mask_zeroes_masked_positions_and_ignores_them():
+  enc = build_encoder(ConfigDict(dict(name="resnet18", cifar_stem=True, width_multiplier=0.125)))
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  v = enc.init(jax.random.key(0), x, train=False)
+  mask = np.ones((2, 4, 4), bool)
+  mask[:, :2] = False
+  out, _ = enc.apply(v, x, train=True, mask=jnp.asarray(mask), mutable=["batch_stats"])
+  assert float(jnp.abs(out.maps[8][:, :2]).max()) == 0.0
+  # Changing pixels under the mask changes nothing.
+  x2 = x.at[:, :16].set(0.0)
+  out2, _ = enc.apply(v, x2, train=True, mask=jnp.asarray(mask), mutable=["batch_stats"])
+  np.testing.assert_allclose(out.pooled, out2.pooled, atol=1e-5)
+
+
+def test_vit_outputs_and_token_dropping():
+  enc = build_encoder(ConfigDict(dict(name="vit_ti", patch_size=8)))
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  v = enc.init(jax.random.key(0), x, train=False)
+  out = enc.apply(v, x, train=False)
+  assert out.pooled.shape == (2, 192) and out.maps[8].shape == (2, 4, 4, 192)
+  visible = np.zeros((2, 4, 4), bool)
+  visible[0, :2] = True
+  visible[1, 2:] = True
+  fn = jax.jit(lambda v, x, m: enc.apply(v, x, train=False, mask=PatchMask(m, 8)))
+  masked = fn(v, x, jnp.asarray(visible))
+  assert float(jnp.abs(masked.maps[8][0, 2:]).max()) == 0.0
+  assert float(jnp.abs(masked.maps[8][0, :2]).min()) > 0.0
+
+
+def test_bfloat16_compute_keeps_float32_params_and_features():
+  enc = build_encoder(ConfigDict(dict(name="tiny_cnn")), "bfloat16")
+  x = jnp.ones((2, 16, 16, 3))
+  v = enc.init(jax.random.key(0), x, train=False)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v["params"]))
+  assert enc.apply(v, x, train=False).pooled.dtype == jnp.float32
+
+
+def test_registry_errors_list_valid_choices():
+  with pytest.raises(UserError, match="valid encoders: .*resnet50.*tiny_cnn"):
+    build_encoder(ConfigDict(dict(name="resnet51")))
+  with pytest.raises(UserError, match="no option 'patch_size'"):
+    build_encoder(ConfigDict(dict(name="resnet18", patch_size=4)))

@@ -1,0 +1,120 @@
+"""The trainer: a step on 8 fake devices equals 1 device; a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from selfsup.metrics_log import read_metrics
+from selfsup.trainer import Trainer
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    from conftest import tiny_config
+    from selfsup.trainer import Trainer
+    assert len(jax.devices()) == 8
+    out = {{}}
+    for name, devices, sharding in [("one", jax.devices()[:1], "replicate"),
+                                    ("eight", jax.devices(), "replicate"),
+                                    ("fsdp", jax.devices(), "fsdp")]:
+      c = tiny_config({objectives!r}, steps=3)
+      c.mesh.sharding = sharding
+      c.mesh.fsdp_min_size = 64
+      t = Trainer(c, os.path.join({tmp!r}, name), devices=devices)
+      losses = []
+      for _ in range(3):
+        m, _ = t.train_step(next(t.iterator))
+        losses.append(float(m["loss"]))
+      params = jax.device_get(t.state["params"])
+      leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(params)]
+      out[name] = dict(losses=losses, params=np.concatenate(leaves).tolist())
+      if name == "fsdp":
+        specs = [str(x.sharding.spec) for x in jax.tree.leaves(t.state["params"])]
+        out["fsdp_sharded"] = any("data" in s for s in specs)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("objectives", ["rotation", "simclr"])
+def test_eight_devices_match_one(tmp_path, objectives):
+  script = EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
+                                objectives=objectives, tmp=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["fsdp_sharded"]
+  for name in ("eight", "fsdp"):
+    np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out[name]["params"], out["one"]["params"], rtol=1e-3, atol=2e-5)
+
+
+def _params(trainer):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trainer.state))]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+  c = tiny_config("rotation", steps=8)
+  full = Trainer(c, str(tmp_path / "full"))
+  full.run()
+
+  cut = Trainer(c, str(tmp_path / "cut"))
+  cut.run(stop_after=5)          # dies after step 5; the newest checkpoint is step 3
+  assert cut.checkpointer.latest_step() == 3
+  del cut
+  resumed = Trainer(c, str(tmp_path / "cut"))
+  assert int(resumed.state["step"]) == 3
+  resumed.run()
+
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  full_log = read_metrics(str(tmp_path / "full"))
+  cut_log = read_metrics(str(tmp_path / "cut"))
+  assert [r["step"] for r in cut_log] == list(range(1, 9))
+  assert [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
+
+
+def test_metrics_jsonl_has_the_contract_fields(tmp_path):
+  c = tiny_config("rotation", steps=2)
+  Trainer(c, str(tmp_path)).run()
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2]
+  for key in ("step", "loss", "lr", "images_per_s", "rotation/acc", "probe/acc"):
+    assert key in rows[-1]
+  assert os.path.exists(tmp_path / "config.json")
+
+
+def test_sigterm_saves_and_the_rerun_continues(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = ["-m", "selfsup.train", "--config", "experiments/quickstart.py:rotation",
+          "--workdir", workdir, "--config.train.steps=100000", "--config.train.log_every=1",
+          "--config.train.batch_size=8", "--config.data.image_size=16",
+          "--config.train.checkpoint_every=100000", "--config.train.progress_bar=False",
+          "--config.probe.enabled=False"]
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGTERM" in err
+  last = read_metrics(workdir)[-1]["step"]
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps and steps[-1] == last
