@@ -99,6 +99,8 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     width = max(8, int(64 * self.width_multiplier))
     x = images.astype(self.dtype)
+    if mask is not None:  # masked pixels must not leak into visible positions' receptive fields
+      x = x * resize_mask(mask, x.shape[1], x.shape[2]).astype(x.dtype)
     if self.cifar_stem:
       x = _Masked(width, 3, 1, True, train, self.dtype)(x, mask)
       stride = 1

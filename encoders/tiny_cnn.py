@@ -17,6 +17,8 @@ class TinyCNN(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool, mask=None):
     x = images.astype(self.dtype)
+    if mask is not None:  # masked pixels must not leak into visible positions' receptive fields
+      x = x * resize_mask(mask, x.shape[1], x.shape[2]).astype(x.dtype)
     maps = {}
     stride = 1
     for i, width in enumerate(self.widths):

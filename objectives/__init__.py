@@ -1,30 +1,49 @@
 """Pretext objectives by name, and how a config turns into objective modules."""
 
 import dataclasses
+import importlib
 
 from objectives.base import HostContext, Objective, ObjectiveOutput
-from objectives.rotation import Rotation
-from objectives.simclr import SimCLR
 from selfsup.errors import UserError, unknown_name
 
-REGISTRY: dict[str, type] = {
-    "rotation": Rotation,
-    "simclr": SimCLR,
+# name -> "module:Class", imported on first use so one objective's import cost or
+# optional dependency never burdens the others.
+REGISTRY: dict[str, str] = {
+    "rotation": "objectives.rotation:Rotation",
+    "simclr": "objectives.simclr:SimCLR",
+    "context": "objectives.context:ContextPrediction",
+    "inpainting": "objectives.inpainting:Inpainting",
+    "counting": "objectives.counting:Counting",
+    "nat": "objectives.nat:NoiseAsTargets",
 }
+
+
+def objective_class(name: str) -> type:
+  if name not in REGISTRY:
+    raise unknown_name("objective", name, REGISTRY)
+  module, cls = REGISTRY[name].split(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+# Fields the trainer fills in from the run (not user options): the training image size,
+# the compute dtype, and the number of training examples (NAT's target table).
+RUN_FIELDS = ("image_size", "dtype", "dataset_size")
 
 
 def objective_fields(name: str) -> list[str]:
   """The configurable fields of an objective (its dataclass fields)."""
-  cls = REGISTRY[name]
+  cls = objective_class(name)
   return [f.name for f in dataclasses.fields(cls)
-          if f.init and f.name not in ("parent", "name", "dtype", "image_size")]
+          if f.init and f.name not in ("parent", "name") + RUN_FIELDS]
 
 
-def build_objective(name: str, options: dict, *, image_size: int, dtype) -> Objective:
+def build_objective(name: str, options: dict, *, image_size: int, dtype,
+                    dataset_size: int = 0) -> Objective:
   """Instantiates objective `name` with `options` (unknown options are an error)."""
-  if name not in REGISTRY:
-    raise unknown_name("objective", name, REGISTRY)
   valid = objective_fields(name)
+  declared = {f.name for f in dataclasses.fields(objective_class(name))}
+  run = {k: v for k, v in dict(image_size=image_size, dtype=dtype,
+                               dataset_size=dataset_size).items() if k in declared}
   kwargs = {}
   for key, value in options.items():
     if key not in valid:
@@ -32,10 +51,10 @@ def build_objective(name: str, options: dict, *, image_size: int, dtype) -> Obje
                       f"{', '.join(valid)}")
     kwargs[key] = tuple(value) if isinstance(value, list) else value
   try:
-    return REGISTRY[name](image_size=image_size, dtype=dtype, **kwargs)
+    return objective_class(name)(**run, **kwargs)
   except (TypeError, ValueError) as e:
     raise UserError(f"objective {name!r}: {e}") from e
 
 
 __all__ = ["HostContext", "Objective", "ObjectiveOutput", "REGISTRY", "build_objective",
-           "objective_fields"]
+           "objective_class", "objective_fields"]

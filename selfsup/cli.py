@@ -5,6 +5,7 @@ Every entry point (`selfsup.train`, `selfsup.bench`, `evals.linear_probe`) runs 
 status 2, and leaves real bugs with their traceback.
 """
 
+import re
 import sys
 
 from absl import flags
@@ -18,6 +19,22 @@ def run_main(main, argv=None):
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for an override of a key the config does not have.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    found = re.search(r"'([A-Za-z0-9_]+)'", text)
+    key = found.group(1) if found else text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
+    if bad and bad[0].startswith(f"--config.objectives.{key}"):
+      import objectives
+      _fail(f"{bad[0]}: this config has no objective {key!r}; registered objectives: "
+            f"{', '.join(sorted(objectives.REGISTRY))} (add one with a config file or "
+            "experiments/quickstart.py:NAME[+NAME])")
+    _fail(f"unknown config key {bad[0] if bad else key}"
+          + (f"; did you mean {hint.group(1)!r}?" if hint else
+             "; check the spelling against the config file (each objective's options are "
+             "listed in its config's objectives section)"))
   try:
     return main(rest)
   except UserError as e:
@@ -29,4 +46,5 @@ def run_main(main, argv=None):
 def _fail(message: str):
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
 

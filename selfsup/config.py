@@ -105,3 +105,22 @@ def _check_keys(config, reference, prefix):
       continue
     if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, ml_collections.ConfigDict):
       _check_keys(sub, ref, f"{prefix}.{key}")
+
+
+def objective(name: str, weight: float = 1.0, **options) -> dict:
+  """A `config.objectives` entry with every option of the objective at its default.
+
+  Listing all options in the config (not only the changed ones) lets the command line
+  override any of them (`--config.objectives.simclr.temperature=0.2`) and shows users
+  what can be set.
+  """
+  import dataclasses
+
+  import objectives as objectives_lib
+  fields = {f.name: f.default for f in dataclasses.fields(objectives_lib.objective_class(name))
+            if f.name in objectives_lib.objective_fields(name)}
+  for key in options:
+    if key not in fields:
+      raise UserError(f"objective {name!r} has no option {key!r}; valid options: "
+                      f"{', '.join(fields)}")
+  return {"weight": weight, **fields, **options}

@@ -34,7 +34,7 @@ from selfsup.model import PretextModel
 CONFIG_FILE = "config.json"
 
 
-def build_model(config, num_classes: int = 0):
+def build_model(config, num_classes: int = 0, dataset_size: int = 0):
   """The PretextModel a config describes (also used by evals to rebuild the encoder)."""
   encoder = encoders.build_encoder(config.encoder, config.train.dtype)
   dtype = encoders.DTYPES[config.train.dtype]
@@ -43,7 +43,8 @@ def build_model(config, num_classes: int = 0):
     options = dict(options)
     weights.append(float(options.pop("weight", 1.0)))
     templates.append(objectives_lib.build_objective(
-        name, options, image_size=config.data.image_size, dtype=dtype))
+        name, options, image_size=config.data.image_size, dtype=dtype,
+        dataset_size=dataset_size))
     names.append(name)
   return PretextModel(encoder=encoder, objectives=tuple(templates), names=tuple(names),
                       weights=tuple(weights), num_classes=num_classes)
@@ -101,7 +102,8 @@ class Trainer:
     self.source = data_lib.make_source(
         config.data.source, config.data.train_split, image_size=config.data.image_size,
         strict=config.data.strict, data_dir=config.data.data_dir or None)
-    self.model = build_model(config, self.source.num_classes if config.train.online_probe else 0)
+    self.model = build_model(config, self.source.num_classes if config.train.online_probe else 0,
+                             dataset_size=len(self.source))
     for template in self.model.objectives:
       if template.needs_stable_indices and not getattr(self.source, "stable_indices", False):
         raise UserError(f"objective {type(template).__name__} needs a source with stable "
@@ -283,11 +285,14 @@ class Trainer:
         force=True)
 
   def _run_host_hooks(self, hooked, host, step, ctx):
-    host = jax.device_get(host)
+    # Hooks get the device arrays, not host copies: NumPy converts what a hook reads
+    # (np.asarray), so a hook with nothing to do this step costs no transfer and no sync,
+    # and one that reads a few rows of a large table (NAT's targets on ImageNet, ~10 GB)
+    # fetches only those rows. What a hook returns goes back with the state's shardings.
     state = self.state
     objective_state = dict(state["objective_state"])
     for name, template in hooked:
-      local = jax.device_get(objective_state[name])
+      local = objective_state[name]
       new = template.host_update(local, host.get(name), step, ctx)
       if new is not local:
         objective_state[name] = jax.device_put(new, self.state_shardings["objective_state"][name])

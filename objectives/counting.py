@@ -1,0 +1,204 @@
+"""Counting visual primitives (Noroozi, Pirsiavash & Favaro 2017, "Representation
+Learning by Learning to Count").
+
+The number of visual primitives in an image does not change when the image is scaled,
+and it is the sum of the numbers in its tiles. With x an image, D(x) the image
+downsampled by 2 and T_1..T_4 its four 2x2 tiles (each the size of D(x)), a counting
+vector phi (encoder + MLP ending in a ReLU, counts are non-negative) should satisfy
+phi(D x) = sum_j phi(T_j x). That alone has the trivial solution phi = 0, so a second
+image y must count differently:
+
+  loss = mean_x ||phi(D x) - sum_j phi(T_j x)||^2
+               + max(0, M - ||phi(D y) - sum_j phi(T_j x)||^2),    M = 10,
+
+the hinge acting on the squared norm (not per element). y is the previous example of the
+batch (a roll by one), so phi(D y) is phi(D x) rolled: no extra forward pass, and under
+a sharded jit the roll spans the global batch.
+
+Views: a random crop + flip (no colour jitter) at an even side S, grayscale for a share
+of the examples (chromatic aberration would otherwise tell tiles from the whole image),
+then D(x) = x resized to S/2 with a method drawn at random each step among nearest,
+bilinear, bicubic and lanczos3 (the paper draws among four downsampling methods so that
+the network cannot tell D(x) from a tile by its resampling artefacts), and the tiles are
+the exact S/2 x S/2 quarters of x. D(x) and the 4B tiles go through the encoder in one
+call (BatchNorm statistics over all 5B views).
+
+Reference: AlexNet, 228x228 crops -> 114x114 D(x) and tiles, 1000-d counting vector
+(fc6 4096, fc7 4096, fc8 1000 + ReLU), M = 10. Anchor (published, AlexNet, not measured
+here): VOC07 classification ~67.7 mAP, detection ~51.4 mAP.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from objectives.base import MLP, Objective, ObjectiveOutput
+from selfsup import augment
+from selfsup.errors import UserError
+
+# jax.image.resize names: nearest, bilinear, bicubic, Lanczos (3 lobes). The three
+# interpolating ones antialias when downsampling (jax's default); nearest does not.
+RESIZE_METHODS = ("nearest", "linear", "cubic", "lanczos3")
+_VALID_METHODS = ("nearest", "linear", "cubic", "lanczos3", "lanczos5")
+
+
+# ---------------------------------------------------------------------------------------
+# Views.
+
+
+def split_tiles(images) -> jax.Array:
+  """(B, S, S, C) with S even -> (4B, S/2, S/2, C) exact quarters, tile-major.
+
+  Row j * B + b is tile j of example b; j = 0 top-left, 1 top-right, 2 bottom-left,
+  3 bottom-right. Pure slicing: `merge_tiles` puts them back bit for bit.
+  """
+  b, s, s2, c = images.shape
+  if s != s2 or s % 2:
+    raise ValueError(f"split_tiles needs square images of even side, got {s}x{s2}")
+  h = s // 2
+  tiles = [images[:, :h, :h], images[:, :h, h:], images[:, h:, :h], images[:, h:, h:]]
+  return jnp.concatenate(tiles, axis=0)
+
+
+def merge_tiles(tiles) -> jax.Array:
+  """Inverse of `split_tiles`: (4B, h, h, C) tile-major -> (B, 2h, 2h, C)."""
+  t = tiles.reshape((4, -1) + tiles.shape[1:])
+  top = jnp.concatenate([t[0], t[1]], axis=2)
+  bottom = jnp.concatenate([t[2], t[3]], axis=2)
+  return jnp.concatenate([top, bottom], axis=1)
+
+
+def downsample(images, method_index, methods=RESIZE_METHODS) -> jax.Array:
+  """Resizes (B, S, S, C) images to (B, S/2, S/2, C) with methods[method_index].
+
+  `lax.switch` on a scalar (possibly traced) index: only the chosen method runs.
+  """
+  b, s, _, c = images.shape
+  shape = (b, s // 2, s // 2, c)
+  branches = [functools.partial(jax.image.resize, shape=shape, method=m) for m in methods]
+  return jax.lax.switch(method_index, branches, images.astype(jnp.float32))
+
+
+def sample_resize_method(key, num_methods: int = len(RESIZE_METHODS)) -> jax.Array:
+  """A uniform method index in [0, num_methods), one per step (int32 scalar)."""
+  return jax.random.randint(key, (), 0, num_methods, dtype=jnp.int32)
+
+
+def counting_views(key, images, *, methods=RESIZE_METHODS):
+  """D(x) and the four tiles of every image.
+
+  What this computes exactly: the tiles are the four S/2 x S/2 quarters of x itself
+  (full-resolution crops, `split_tiles`), so they reassemble exactly into x
+  (`merge_tiles`); D(x) is the whole of x resized to S/2 with one method for the whole
+  batch. D(x) is not built from the tiles: with nearest downsampling it equals the
+  reassembled nearest-downsampled tiles exactly (when S is a multiple of 4); the
+  antialiasing filters of the other methods read a pixel or two across the tile
+  borders, so they agree with tile-wise downsampling everywhere but along those borders.
+
+  Args:
+    key: PRNG key for the method, or None for bilinear (evaluation).
+    images: (B, S, S, C) float, S even.
+    methods: resize methods to draw from.
+
+  Returns:
+    (down, tiles, method_index): down (B, S/2, S/2, C) float32; tiles (4B, S/2, S/2, C)
+    tile-major (see `split_tiles`); method_index int32 scalar into `methods`.
+  """
+  methods = tuple(methods)
+  if key is None:
+    index = jnp.asarray(methods.index("linear") if "linear" in methods else 0, jnp.int32)
+  else:
+    index = sample_resize_method(key, len(methods))
+  tiles = split_tiles(jnp.asarray(images, jnp.float32))
+  return downsample(images, index, methods), tiles, index
+
+
+# ---------------------------------------------------------------------------------------
+# Loss.
+
+
+def counting_loss(phi_d, phi_tiles, phi_other, margin: float = 10.0):
+  """Noroozi et al.'s contrastive counting loss.
+
+  Args:
+    phi_d: (B, K) counts of D(x).
+    phi_tiles: (4, B, K) counts of the tiles of x (tile-major).
+    phi_other: (B, K) counts of D(y), y another image.
+    margin: M.
+
+  Returns:
+    (loss, metrics): loss = mean over b of ||phi_d - s||^2 + max(0, M - ||phi_other -
+    s||^2) with s = sum over tiles; metrics: the mean of each squared distance and the
+    share of examples whose hinge is active.
+  """
+  s = jnp.sum(phi_tiles.astype(jnp.float32), axis=0)
+  equiv = jnp.sum(jnp.square(phi_d.astype(jnp.float32) - s), axis=-1)
+  other = jnp.sum(jnp.square(phi_other.astype(jnp.float32) - s), axis=-1)
+  hinge = jnp.maximum(0.0, margin - other)
+  loss = jnp.mean(equiv + hinge)
+  metrics = {"equivariance_sq": jnp.mean(equiv), "contrast_sq": jnp.mean(other),
+             "hinge_active": jnp.mean((other < margin).astype(jnp.float32))}
+  return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# The objective.
+
+
+class Counting(Objective):
+  """Counting-vector equivariance to downsampling and tiling, with a contrastive hinge."""
+  image_size: int = 32
+  count_dim: int = 1000            # the paper's 1000 counted primitives
+  head_hidden: tuple = (4096,)     # fc 4096 + BN + ReLU before the counting layer
+  margin: float = 10.0             # M, on the squared norm
+  grayscale_prob: float = 0.6      # share of examples made grayscale
+  resize_methods: tuple = RESIZE_METHODS
+  crop_scale: tuple = (0.6, 1.0)   # random crop (the paper: 228 crops of ~256 images)
+  flip_prob: float = 0.5
+  dtype: Any = jnp.float32
+
+  def validate(self, *, image_size, dataset):
+    del dataset
+    if image_size // 2 < 4:
+      raise UserError(f"counting: image_size={image_size} gives {image_size // 2} px "
+                      "tiles; tiles need at least 4 px, so image_size must be >= 8")
+    bad = [m for m in self.resize_methods if m not in _VALID_METHODS]
+    if bad or not self.resize_methods:
+      raise UserError(f"counting: resize_methods={tuple(self.resize_methods)!r}; choose a "
+                      f"non-empty subset of {', '.join(_VALID_METHODS)}")
+    if self.margin <= 0:
+      raise UserError(f"counting: margin={self.margin} must be > 0 (it blocks phi = 0)")
+    for name in ("grayscale_prob", "flip_prob"):
+      p = getattr(self, name)
+      if not 0 <= p <= 1:
+        raise UserError(f"counting: {name}={p} must be a probability in [0, 1]")
+
+  @nn.compact
+  def __call__(self, encoder, batch, *, train, step):
+    del step
+    side = 2 * (self.image_size // 2)  # even, so the tiles are exact halves
+    if train:
+      k_view, k_method = jax.random.split(self.make_rng("augment"))
+      cfg = augment.default_view_config(
+          crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob, jitter_prob=0.0,
+          grayscale_prob=self.grayscale_prob)
+      images, _ = augment.view_augment(k_view, batch["image"], cfg, side)
+    else:
+      k_method = None
+      images = augment.normalize(augment.to_float(batch["image"]))
+      images = images[:, :side, :side]
+    down, tiles, _ = counting_views(k_method, images, methods=tuple(self.resize_methods))
+    b = down.shape[0]
+    out = encoder(jnp.concatenate([down, tiles]), train=train)
+    phi = nn.relu(MLP(tuple(self.head_hidden), self.count_dim, dtype=self.dtype,
+                      name="head")(out.pooled, train=train))
+    phi_d = phi[:b]
+    phi_tiles = phi[b:].reshape((4, b, -1))
+    # y = the previous image of the batch: phi(D y) is phi(D x) rolled by one.
+    phi_other = jnp.roll(phi_d, 1, axis=0)
+    loss, metrics = counting_loss(phi_d, phi_tiles, phi_other, self.margin)
+    # No probe features: D(x) and the tiles are half-size; the model probes the image.
+    return ObjectiveOutput(loss=loss, metrics=metrics)

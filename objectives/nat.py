@@ -1,0 +1,191 @@
+"""Noise As Targets (Bojanowski & Joulin 2017, "Unsupervised Learning by Predicting
+Noise", ICML 2017, arXiv:1704.05310).
+
+Every training image owns one fixed target: a point drawn once, uniformly on the unit
+sphere of dimension d, before training. The encoder's L2-normalised features are pulled
+towards their image's target with a square loss. Fixed, spread-out targets keep the
+features from collapsing; which image owns which target is learned: every few epochs,
+for the batch at hand, the batch's targets are redistributed among the batch's images by
+an optimal one-to-one assignment (Hungarian algorithm) that brings each feature to the
+closest available target. Only targets already held by the batch move, so the assignment
+stays a permutation of the whole target table.
+
+In this module, top to bottom:
+- view: one light random crop + flip per image (no colour distortion);
+- head: optional linear projection of the pooled features (`proj_dim`; the paper aligns
+  the features themselves), then L2 normalisation;
+- loss: mean squared distance ||z - c||^2 = 2 - 2 z.c to the assigned target;
+- state: `targets` (dataset_size, d) and `assignment` (dataset_size,) in the
+  `objective_state` collection (checkpointed; sharded over `data` by the trainer);
+- host hook: the batch reassignment (`scipy.optimize.linear_sum_assignment`, cost -z.c),
+  on reassignment epochs (every `reassign_every_epochs`, 3 in the paper) or every
+  `reassign_every_steps` steps when that is set (short runs).
+
+Differences from the paper, on purpose: the reassignment runs after the step that
+computed the batch's features (the paper solves it before that step's gradient, with the
+same features), so the new targets take effect when the images come round again. The
+paper's fixed Sobel first layer (grayscale gradients instead of RGB) is not built in: it
+would change the encoder's input and thereby every evaluation of it.
+
+Reference setting: AlexNet with a fixed Sobel input layer, d = 4096 features, plain SGD
+lr 0.01, batch 256, reassignment every 3 epochs, ImageNet. There is no anchor for NAT in
+OBJECTIVES.md, and none is published for the ResNet settings of `experiments/nat_*.py`.
+
+Needs stable dataset indices (`batch["index"]` names the image) and the training set size
+(`dataset_size`, filled in by the trainer).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from objectives.base import Objective, ObjectiveOutput
+from selfsup import augment
+from selfsup.errors import UserError
+
+
+def sphere_targets(key, n: int, d: int) -> jax.Array:
+  """n points uniform on the unit sphere in R^d: normalised standard Gaussians."""
+  x = jax.random.normal(key, (n, d), jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def nat_loss(z: jax.Array, c: jax.Array) -> jax.Array:
+  """Mean over the batch of ||z_i - c_i||^2 (equal to 2 - 2 z_i.c_i for unit vectors)."""
+  z, c = z.astype(jnp.float32), c.astype(jnp.float32)
+  return jnp.mean(jnp.sum(jnp.square(z - c), axis=-1))
+
+
+def reassign(targets, assignment: np.ndarray, index, features) -> np.ndarray:
+  """The batch step of NAT's stochastic reassignment, on the host.
+
+  The examples in `index` hold the targets assignment[index]; these targets are dealt
+  out again among the same examples so that sum_i z_i . c_{new(i)} is maximal (the
+  Hungarian algorithm on cost -z.c). Every other example keeps its target, so the result
+  is a permutation whenever `assignment` is.
+
+  Args:
+    targets: (N, d) target table, NumPy or a (sharded) jax.Array; only the batch's rows
+      are read, so a device-resident table is not copied whole to the host.
+    assignment: (N,) int NumPy array, example -> target row. Not modified.
+    index: (B,) dataset indices of the batch; duplicates (a batch that wraps round an
+      epoch boundary) count once, with the features of their first occurrence.
+    features: (B, d) the batch's L2-normalised features, rows aligned with `index`.
+
+  Returns:
+    The new (N,) assignment, same dtype as `assignment`.
+  """
+  index = np.asarray(index).astype(np.int64)
+  features = np.asarray(features, np.float64)
+  # Each example may take part only once, or one example would get two targets.
+  unique, first = np.unique(index, return_index=True)
+  z = features[first]
+  held = np.asarray(assignment)[unique]
+  c = np.asarray(targets[held], np.float64)
+  rows, cols = scipy.optimize.linear_sum_assignment(-(z @ c.T))
+  new = np.array(assignment, copy=True)
+  new[unique[rows]] = held[cols]
+  return new
+
+
+class NoiseAsTargets(Objective):
+  """Align L2-normalised features to fixed random targets, one per training image."""
+  image_size: int = 32
+  dataset_size: int = 0            # filled in by the trainer: the training set size
+  proj_dim: int = 0                # 0: the features themselves (paper); > 0: a linear layer
+  target_dim: int = 0              # d; 0: the size of the (projected) features
+  reassign_every_epochs: int = 3   # paper: every 3 epochs
+  reassign_every_steps: int = 0    # > 0 overrides the epochs: every this many steps
+  crop_scale: tuple = (0.5, 1.0)
+  flip_prob: float = 0.5
+  dtype: Any = jnp.float32
+
+  needs_stable_indices = True
+  has_host_hook = True
+
+  def validate(self, *, image_size, dataset):
+    del image_size
+    if len(dataset) < 1:
+      raise UserError("objective nat needs a non-empty training set (one target per image)")
+    for name in ("proj_dim", "target_dim", "reassign_every_steps"):
+      if getattr(self, name) < 0:
+        raise UserError(f"objective nat: {name}={getattr(self, name)} must be >= 0")
+    if self.reassign_every_epochs < 1:
+      raise UserError(f"objective nat: reassign_every_epochs={self.reassign_every_epochs} "
+                      "must be >= 1 (use reassign_every_steps for a finer period)")
+
+  @nn.compact
+  def __call__(self, encoder, batch, *, train, step):
+    del step
+    if self.dataset_size < 1:
+      raise UserError("objective nat needs dataset_size >= 1 (the trainer sets it to the "
+                      "training set size; pass dataset_size= to build_model)")
+    # View: light crop + flip. NAT is an instance-level task, so some invariance helps, but
+    # the paper relies on the target assignment, not on strong augmentation.
+    if train:
+      cfg = augment.default_view_config(
+          crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob, jitter_prob=0.0,
+          grayscale_prob=0.0)
+      images, _ = augment.view_augment(self.make_rng("augment"), batch["image"], cfg,
+                                       self.image_size)
+    else:
+      images = augment.normalize(augment.to_float(batch["image"]))
+    out = encoder(images, train=train)
+
+    # Head: optional projection, then onto the unit sphere.
+    z = out.pooled
+    if self.proj_dim:
+      z = nn.Dense(self.proj_dim, dtype=self.dtype, name="proj")(z)
+    z = z.astype(jnp.float32)
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    d = z.shape[-1]
+    if self.target_dim and self.target_dim != d:
+      raise UserError(f"objective nat: target_dim={self.target_dim} differs from the "
+                      f"feature size {d}; set proj_dim={self.target_dim} to project the "
+                      "features to it, or target_dim=0")
+
+    # State: drawn once at init from the params stream (so it follows config.seed).
+    n = self.dataset_size
+
+    def init_targets():
+      return sphere_targets(jax.random.fold_in(self.make_rng("params"), 0), n, d)
+
+    def init_assignment():
+      key = jax.random.fold_in(self.make_rng("params"), 1)
+      return jax.random.permutation(key, n).astype(jnp.int32)
+
+    targets = self.variable("objective_state", "targets", init_targets)
+    assignment = self.variable("objective_state", "assignment", init_assignment)
+
+    # Loss: squared distance to the assigned target (targets are constants).
+    c = targets.value[assignment.value[batch["index"]]]
+    loss = nat_loss(z, c)
+    z_host = jax.lax.stop_gradient(z)
+    return ObjectiveOutput(
+        loss=loss,
+        metrics={"cos": jnp.mean(jnp.sum(z_host * c, axis=-1))},
+        probe_features=out.pooled,
+        host={"index": batch["index"], "features": z_host})
+
+  # ---- host hook -------------------------------------------------------------------
+  def is_reassignment_step(self, step: int, steps_per_epoch: int) -> bool:
+    if self.reassign_every_steps:
+      return step % self.reassign_every_steps == 0
+    return (step // max(1, steps_per_epoch)) % self.reassign_every_epochs == 0
+
+  def host_update(self, state, host, step, ctx):
+    """Reassigns the targets of the batch just trained, on reassignment epochs.
+
+    `state` leaves may be NumPy or jax arrays: only the assignment and the batch's
+    target rows are read. On other steps the state comes back untouched (same object),
+    which tells the trainer there is nothing to copy back.
+    """
+    if host is None or not self.is_reassignment_step(int(step), ctx.steps_per_epoch):
+      return state
+    assignment = reassign(state["targets"], np.asarray(state["assignment"]),
+                          host["index"], host["features"])
+    return {**state, "assignment": assignment.astype(np.int32)}
