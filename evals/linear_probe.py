@@ -43,7 +43,7 @@ def probe_arrays(encoder, variables, train, test, *, batch_size=256, save_featur
   return result
 
 
-def _load_split(dataset: str, split: str, image_size: int, max_examples, data_dir=None):
+def load_split(dataset: str, split: str, image_size: int, max_examples, data_dir=None):
   source = data_lib.make_source(dataset, split, image_size=image_size, data_dir=data_dir)
   return data_lib.load_arrays(source, image_size, max_examples=max_examples)
 
@@ -56,8 +56,8 @@ def probe_checkpoint(checkpoint: str, dataset: str, *, train_split="train", test
   if random_init:
     variables = features_lib.random_init_variables(encoder, config.data.image_size, seed=seed)
   size = config.data.image_size
-  train = _load_split(dataset, train_split, size, max_train, data_dir)
-  test = _load_split(dataset, test_split, size, max_test, data_dir)
+  train = load_split(dataset, train_split, size, max_train, data_dir)
+  test = load_split(dataset, test_split, size, max_test, data_dir)
   result = probe_arrays(encoder, variables, train, test, save_features=save_features, seed=seed)
   result.update(checkpoint=os.path.abspath(checkpoint), step=None if random_init else int(step),
                 random_init=bool(random_init), dataset=dataset, encoder=config.encoder.name,
@@ -71,9 +71,9 @@ def probe_trainer(trainer, *, random_init_too: bool = True) -> dict:
   c = trainer.config
   encoder = trainer.model.encoder
   size = c.data.image_size
-  train = _load_split(c.data.source, c.data.train_split, size, c.probe.train_examples,
+  train = load_split(c.data.source, c.data.train_split, size, c.probe.train_examples,
                       c.data.data_dir or None)
-  test = _load_split(c.data.source, c.data.test_split, size, c.probe.test_examples,
+  test = load_split(c.data.source, c.data.test_split, size, c.probe.test_examples,
                      c.data.data_dir or None)
   state = jax.device_get(trainer.state)
   trained = probe_arrays(encoder.clone(dtype=np.float32), features_lib.encoder_variables(state),
@@ -86,17 +86,19 @@ def probe_trainer(trainer, *, random_init_too: bool = True) -> dict:
   return out
 
 
-flags.DEFINE_string("checkpoint", None, "run directory written by selfsup.train")
-flags.DEFINE_string("dataset", None, "tfds:NAME[/CONFIG][:VERSION] | folder:PATH | synthetic:NAME")
-flags.DEFINE_string("output", None, "write the JSON result here too")
-flags.DEFINE_bool("random_init", False, "probe an untrained encoder of the run's configuration")
-flags.DEFINE_string("save_features", None, "write train/test features and labels (.npz)")
-flags.DEFINE_string("train_split", "train", "training split (e.g. train, train[:800])")
-flags.DEFINE_string("test_split", "test", "test split")
-flags.DEFINE_integer("max_train", None, "use at most this many training examples")
-flags.DEFINE_integer("max_test", None, "use at most this many test examples")
-flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir")
+def _define_flags():
+  """Flags exist only when run as a program, so importing this module defines none."""
+  flags.DEFINE_string("checkpoint", None, "run directory written by selfsup.train")
+  flags.DEFINE_string("dataset", None, "tfds:NAME[/CONFIG][:VERSION] | folder:PATH | synthetic:NAME")
+  flags.DEFINE_string("output", None, "write the JSON result here too")
+  flags.DEFINE_bool("random_init", False, "probe an untrained encoder of the run's configuration")
+  flags.DEFINE_string("save_features", None, "write train/test features and labels (.npz)")
+  flags.DEFINE_string("train_split", "train", "training split (e.g. train, train[:800])")
+  flags.DEFINE_string("test_split", "test", "test split")
+  flags.DEFINE_integer("max_train", None, "use at most this many training examples")
+  flags.DEFINE_integer("max_test", None, "use at most this many test examples")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir")
 
 
 def main(argv):
@@ -118,4 +120,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run_main(main)

@@ -821,7 +821,7 @@ def restore_iterator_state(it: grain.DatasetIterator, state_json: str) -> grain.
 
 def load_arrays(source: DataSource, image_size: int,
                 max_examples: int | None = None,
-                num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                num_threads: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a (small) source in order into arrays for feature extraction.
 
   Examples whose `index` is not their own position (a folder's substitute for a corrupt
@@ -830,13 +830,20 @@ def load_arrays(source: DataSource, image_size: int,
   Args:
     source: the source.
     image_size: output height and width.
-    max_examples: read only the first max_examples.
+    max_examples: read only this many: a seeded random subset (kept in source order),
+      since folders and many TFDS splits are sorted by class and their first N
+      examples would cover one or two classes.
     num_threads: decoding threads (default: a few per CPU; PIL and numpy release the GIL).
+    seed: seed of the subset.
 
   Returns:
     images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
   """
-  n = len(source) if max_examples is None else min(len(source), max(0, int(max_examples)))
+  positions = np.arange(len(source))
+  if max_examples is not None and max_examples < len(source):
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(len(source), size=max(0, int(max_examples)), replace=False))
+  n = len(positions)
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
   labels = np.zeros((n,), np.int32)
   keep = np.ones((n,), bool)
@@ -845,9 +852,9 @@ def load_arrays(source: DataSource, image_size: int,
 
   def work(lo: int, hi: int) -> None:
     for i in range(lo, hi):
-      ex = prep(source[i])
+      ex = prep(source[int(positions[i])])
       images[i], labels[i] = ex['image'], ex['label']
-      keep[i] = int(ex['index']) == i
+      keep[i] = int(ex['index']) == positions[i]
 
   chunk = 256
   threads = num_threads or min(32, 4 * (os.cpu_count() or 1))

@@ -307,8 +307,21 @@ def test_iterator_state_json_roundtrip_of_odd_types():
 
 def test_load_arrays_in_order():
   src = data.ShapesSource('test', image_size=16, length=30)
-  images, labels = data.load_arrays(src, 16, max_examples=20)
-  assert images.shape == (20, 16, 16, 3) and images.dtype == np.uint8
+  images, labels = data.load_arrays(src, 16)
+  assert images.shape == (30, 16, 16, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32
-  assert labels.tolist() == [src[i]['label'] for i in range(20)]
+  assert labels.tolist() == [src[i]['label'] for i in range(30)]
   np.testing.assert_array_equal(images[7], src[7]['image'])
+
+
+def test_load_arrays_subset_is_a_seeded_spread_not_a_prefix():
+  src = data.ShapesSource('test', image_size=16, length=300)
+  images, labels = data.load_arrays(src, 16, max_examples=20)
+  again, _ = data.load_arrays(src, 16, max_examples=20)
+  other, _ = data.load_arrays(src, 16, max_examples=20, seed=1)
+  assert images.shape == (20, 16, 16, 3)
+  np.testing.assert_array_equal(images, again)
+  assert not np.array_equal(images, other)
+  full = [src[i]['image'] for i in range(300)]
+  positions = [next(j for j, f in enumerate(full) if np.array_equal(f, im)) for im in images]
+  assert positions == sorted(positions) and max(positions) >= 20

@@ -29,6 +29,7 @@ EIGHT_DEVICES = textwrap.dedent("""
                                     ("eight", jax.devices(), "replicate"),
                                     ("fsdp", jax.devices(), "fsdp")]:
       c = tiny_config({objectives!r}, steps=3)
+      c.optimizer.name = "sgd"  # Adam would amplify float noise in near-zero gradients
       c.mesh.sharding = sharding
       c.mesh.fsdp_min_size = 64
       t = Trainer(c, os.path.join({tmp!r}, name), devices=devices)
@@ -46,8 +47,9 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("objectives", ["rotation", "simclr"])
-def test_eight_devices_match_one(tmp_path, objectives):
+def test_eight_devices_match_one(tmp_path):
+  # One combined model covers both objectives with one compile per layout.
+  objectives = "rotation+simclr"
   script = EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"),
                                 objectives=objectives, tmp=str(tmp_path))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -1,0 +1,48 @@
+"""Slow learning checks on real photographs (run on demand: `pytest -m slow`).
+
+Each objective pretrains a small ResNet for a few hundred CPU steps on CIFAR-10 and its
+linear probe must beat the probe of a random-init encoder of the same architecture.
+CIFAR-10 comes from $SELFSUP_CIFAR10 (a folder with train/ and test/) or from the
+tarballs in ../shared/data/cifar10, unpacked into a temporary folder.
+"""
+
+import os
+import tarfile
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+OBJECTIVES = ["rotation", "simclr", "context", "inpainting", "counting", "nat",
+              "rotation+context+simclr"]
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory):
+  folder = os.environ.get("SELFSUP_CIFAR10")
+  if folder:
+    return folder
+  shared = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10")
+  if not os.path.exists(os.path.join(shared, "train.tar.gz")):
+    pytest.skip("no CIFAR-10: set SELFSUP_CIFAR10 or provide ../shared/data/cifar10")
+  out = tmp_path_factory.mktemp("cifar10")
+  for name in ("train.tar.gz", "test.tar.gz"):
+    with tarfile.open(os.path.join(shared, name)) as tar:
+      tar.extractall(out)
+  return str(out)
+
+
+def _compare(specs, cifar10, workdir, steps=300):
+  from evals.compare import compare
+  encoder = {"name": "resnet18", "width_multiplier": 0.25, "cifar_stem": False}
+  return compare(specs, dataset=f"folder:{cifar10}", workdir=str(workdir), encoder=encoder,
+                 steps=steps, batch_size=128, image_size=32, max_train=10000, max_test=2000)
+
+
+@pytest.mark.parametrize("spec", OBJECTIVES)
+def test_objective_beats_random_init(spec, cifar10, tmp_path):
+  baseline, trained = _compare([spec], cifar10, tmp_path)
+  assert baseline["objectives"] == "random-init"
+  assert trained["probe_top1"] > baseline["probe_top1"] + 1.0, (trained, baseline)
