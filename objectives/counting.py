@@ -15,13 +15,36 @@ the hinge acting on the squared norm (not per element). y is the previous exampl
 batch (a roll by one), so phi(D y) is phi(D x) rolled: no extra forward pass, and under
 a sharded jit the roll spans the global batch.
 
-Views: a random crop + flip (no colour jitter) at an even side S, grayscale for a share
+Views: a random crop + flip (no colour jitter) resized to an even side S = 2 x
+`tile_size` (default: S = image_size, rounded down to even), grayscale for a share
 of the examples (chromatic aberration would otherwise tell tiles from the whole image),
 then D(x) = x resized to S/2 with a method drawn at random each step among nearest,
 bilinear, bicubic and lanczos3 (the paper draws among four downsampling methods so that
 the network cannot tell D(x) from a tile by its resampling artefacts), and the tiles are
 the exact S/2 x S/2 quarters of x. D(x) and the 4B tiles go through the encoder in one
 call (BatchNorm statistics over all 5B views).
+
+Collapse, and the one deviation from the paper (`count_bn`, on by default): with the
+plain fc + ReLU counting layer, every run on the quickstart data collapsed within 10-20
+steps to phi = 0 (loss stuck at exactly M, every hinge active, zero gradient through the
+dead ReLUs), with AdamW at 2e-3 and at 2e-4 alike, and with a softplus instead of the
+ReLU (phi -> 0 is then a saddle: the hinge's gradient is proportional to
+phi(D y) - sum phi(T x), which vanishes with phi). The reason: at initialisation sum_j
+phi(T_j x) is about as far from phi(D x) as from phi(D y), and shrinking phi is the
+fastest way down the equivariance term, which dominates while phi is large. A
+BatchNorm with neither scale nor shift before the final ReLU fixes each count's
+pre-activation to zero mean and unit variance over the 5B views, so phi cannot shrink to
+zero (nor to a constant); counts stay non-negative. With it the equivariance term falls
+well below the contrast term (14 vs 142 after 300 quickstart steps). Large gradients
+early on (the squared norms start in the thousands): the SGD configs clip the global
+gradient norm.
+
+What it learns on the quickstart data: nothing the shape-class probe can use (probe at
+the random-init level). A likely reason, not proven: a globally average-pooled encoder
+makes any pixel-local statistic additive over tiles up to a factor 4 (the mean of f over
+D(x) is about the mean over x, the tiles' means sum to 4 times it), so the head only has
+to tell tiles from D(x) (a 2x zoom) and scale by 1/4; the textured backgrounds of
+`synthetic:shapes` carry most of those statistics.
 
 Reference: AlexNet, 228x228 crops -> 114x114 D(x) and tiles, 1000-d counting vector
 (fc6 4096, fc7 4096, fc8 1000 + ReLU), M = 10. Anchor (published, AlexNet, not measured
@@ -83,8 +106,13 @@ def downsample(images, method_index, methods=RESIZE_METHODS) -> jax.Array:
 
 
 def sample_resize_method(key, num_methods: int = len(RESIZE_METHODS)) -> jax.Array:
-  """A uniform method index in [0, num_methods), one per step (int32 scalar)."""
-  return jax.random.randint(key, (), 0, num_methods, dtype=jnp.int32)
+  """A uniform method index in [0, num_methods), one per step (int32 scalar).
+
+  floor(u * n) rather than `jax.random.randint`: the same distribution, and a plain
+  uniform draw compiles several times faster on CPU (see augment._uniforms).
+  """
+  u = jax.random.uniform(key, ())
+  return jnp.minimum(jnp.floor(u * num_methods), num_methods - 1).astype(jnp.int32)
 
 
 def counting_views(key, images, *, methods=RESIZE_METHODS):
@@ -151,6 +179,7 @@ def counting_loss(phi_d, phi_tiles, phi_other, margin: float = 10.0):
 class Counting(Objective):
   """Counting-vector equivariance to downsampling and tiling, with a contrastive hinge."""
   image_size: int = 32
+  tile_size: int = 0               # side of D(x) and the tiles; 0 = image_size // 2
   count_dim: int = 1000            # the paper's 1000 counted primitives
   head_hidden: tuple = (4096,)     # fc 4096 + BN + ReLU before the counting layer
   margin: float = 10.0             # M, on the squared norm
@@ -158,13 +187,18 @@ class Counting(Objective):
   resize_methods: tuple = RESIZE_METHODS
   crop_scale: tuple = (0.6, 1.0)   # random crop (the paper: 228 crops of ~256 images)
   flip_prob: float = 0.5
+  # BatchNorm without scale or shift on the counting layer's pre-activation (not in the
+  # paper, whose fc8 + ReLU is count_bn=False): see "Collapse" in the module docstring.
+  count_bn: bool = True
   dtype: Any = jnp.float32
 
   def validate(self, *, image_size, dataset):
     del dataset
-    if image_size // 2 < 4:
-      raise UserError(f"counting: image_size={image_size} gives {image_size // 2} px "
-                      "tiles; tiles need at least 4 px, so image_size must be >= 8")
+    tile = self.tile_size or image_size // 2
+    if tile < 4:
+      raise UserError(f"counting: tile_size={self.tile_size} with image_size={image_size} "
+                      f"gives {tile} px tiles; tiles need at least 4 px (tile_size >= 4, "
+                      "or 0 for image_size // 2 with image_size >= 8)")
     bad = [m for m in self.resize_methods if m not in _VALID_METHODS]
     if bad or not self.resize_methods:
       raise UserError(f"counting: resize_methods={tuple(self.resize_methods)!r}; choose a "
@@ -179,7 +213,8 @@ class Counting(Objective):
   @nn.compact
   def __call__(self, encoder, batch, *, train, step):
     del step
-    side = 2 * (self.image_size // 2)  # even, so the tiles are exact halves
+    # x has an even side, so the tiles are exact halves of it.
+    side = 2 * (self.tile_size or self.image_size // 2)
     if train:
       k_view, k_method = jax.random.split(self.make_rng("augment"))
       cfg = augment.default_view_config(
@@ -189,16 +224,20 @@ class Counting(Objective):
     else:
       k_method = None
       images = augment.normalize(augment.to_float(batch["image"]))
-      images = images[:, :side, :side]
+      images = jax.image.resize(images, images.shape[:1] + (side, side, 3), "linear")
     down, tiles, _ = counting_views(k_method, images, methods=tuple(self.resize_methods))
     b = down.shape[0]
     out = encoder(jnp.concatenate([down, tiles]), train=train)
-    phi = nn.relu(MLP(tuple(self.head_hidden), self.count_dim, dtype=self.dtype,
-                      name="head")(out.pooled, train=train))
+    pre = MLP(tuple(self.head_hidden), self.count_dim, dtype=self.dtype, name="head")(
+        out.pooled, train=train)
+    if self.count_bn:
+      pre = nn.BatchNorm(use_running_average=not train, momentum=0.9, use_scale=False,
+                         use_bias=False, name="count_bn")(pre)
+    phi = nn.relu(pre)
     phi_d = phi[:b]
     phi_tiles = phi[b:].reshape((4, b, -1))
     # y = the previous image of the batch: phi(D y) is phi(D x) rolled by one.
     phi_other = jnp.roll(phi_d, 1, axis=0)
     loss, metrics = counting_loss(phi_d, phi_tiles, phi_other, self.margin)
-    # No probe features: D(x) and the tiles are half-size; the model probes the image.
-    return ObjectiveOutput(loss=loss, metrics=metrics)
+    # D(x) is a whole-image view aligned with the batch rows: the online probe reuses it.
+    return ObjectiveOutput(loss=loss, metrics=metrics, probe_features=out.pooled[:b])

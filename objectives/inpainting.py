@@ -294,6 +294,7 @@ class Discriminator(nn.Module):
 
 
 def _apply_frozen(module, x):
+  """module(x); wrapped by `nn.map_variables` to read stop-gradient parameters."""
   return module(x)
 
 

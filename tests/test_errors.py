@@ -10,7 +10,7 @@ from conftest import run_cli
 TRAIN = ["-m", "selfsup.train", "--config", "experiments/quickstart.py:rotation",
          "--config.train.progress_bar=False", "--config.train.steps=2",
          "--config.train.batch_size=8", "--config.data.image_size=16",
-         "--config.probe.enabled=False"]
+         "--config.probe.enabled=False", "--config.optimizer.warmup_steps=0"]
 
 
 def _assert_one_line_error(proc, *fragments):

@@ -1,6 +1,8 @@
 """Noise As Targets: loss against NumPy, the batch reassignment, state, resume."""
 
+import functools
 import itertools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from objectives.base import HostContext
 from objectives.nat import NoiseAsTargets, nat_loss, reassign
 from selfsup import data as data_lib
 from selfsup.errors import UserError
+from selfsup.metrics_log import read_metrics
 from selfsup.trainer import Trainer, build_model
 
 
@@ -27,16 +30,33 @@ def _matched_cost(targets, assignment, index, features):
   return float(-np.sum(features[first] * targets[assignment[index[first]]]))
 
 
-def _init(config, dataset_size, seed=0, batch_size=4):
-  model = build_model(config, dataset_size=dataset_size)
+_N = 300  # dataset size of the module-level tests: one compilation serves them all
+
+
+def _batch(config, seed=0, batch_size=4, n=_N):
   s = config.data.image_size
   rng = np.random.default_rng(seed)
-  batch = {"image": jnp.asarray(rng.integers(0, 255, (batch_size, s, s, 3)), jnp.uint8),
-           "label": jnp.zeros((batch_size,), jnp.int32),
-           "index": jnp.asarray(rng.integers(0, dataset_size, batch_size), jnp.int32)}
-  variables = model.init({"params": jax.random.key(seed), "augment": jax.random.key(1)},
-                         batch)
-  return model, variables, batch
+  return {"image": jnp.asarray(rng.integers(0, 255, (batch_size, s, s, 3)), jnp.uint8),
+          "label": jnp.zeros((batch_size,), jnp.int32),
+          "index": jnp.asarray(rng.integers(0, n, batch_size), jnp.int32)}
+
+
+def _init_fn(config, n=_N):
+  """Jitted (seed, batch) -> (model outputs, variables) of a freshly initialised model.
+
+  init_with_output: one compilation gives both the initial state and a forward pass
+  with it (eager op-by-op augmentation would be slower than compiling).
+  """
+  model = build_model(config, dataset_size=n)
+  init = jax.jit(lambda seed, b: model.init_with_output(
+      {"params": jax.random.key(seed), "augment": jax.random.key(1)}, b))
+  return model, init
+
+
+@functools.cache
+def _default_init():
+  """One model and compiled init shared by the tests of the default configuration."""
+  return _init_fn(tiny_config("nat"))
 
 
 def test_loss_matches_numpy_on_fixed_inputs():
@@ -50,16 +70,15 @@ def test_loss_matches_numpy_on_fixed_inputs():
 
 def test_objective_loss_is_distance_to_the_assigned_targets():
   """Through the module: the loss uses targets[assignment[index]], duplicates included."""
-  c = tiny_config("nat")
-  model, variables, batch = _init(c, dataset_size=30)
-  batch["index"] = jnp.asarray([4, 17, 4, 29], jnp.int32)
-  (_, metrics, host), _ = model.apply(variables, batch, rngs={"augment": jax.random.key(2)},
-                                      mutable=["batch_stats", "objective_state"])
+  _, init = _default_init()
+  batch = _batch(tiny_config("nat"))
+  batch["index"] = jnp.asarray([4, 217, 4, 299], jnp.int32)
+  (_, metrics, host), variables = init(0, batch)
   state = jax.device_get(variables["objective_state"]["nat"])
   z = np.asarray(host["nat"]["features"], np.float64)
-  np.testing.assert_array_equal(host["nat"]["index"], [4, 17, 4, 29])
+  np.testing.assert_array_equal(host["nat"]["index"], [4, 217, 4, 299])
   np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
-  targets = state["targets"][state["assignment"][[4, 17, 4, 29]]]
+  targets = state["targets"][state["assignment"][[4, 217, 4, 299]]]
   expected = np.mean(np.sum((z - targets) ** 2, axis=1))
   assert float(metrics["nat/loss"]) == pytest.approx(expected, rel=1e-5)
 
@@ -126,19 +145,17 @@ def test_host_update_runs_on_reassignment_epochs_only_and_leaves_targets():
 
 
 def test_initial_state_is_unit_targets_and_a_permutation_fixed_by_the_seed():
-  c = tiny_config("nat")
-  n = 300
-  _, v0, _ = _init(c, n, seed=0)
-  _, v0b, _ = _init(c, n, seed=0)
-  _, v1, _ = _init(c, n, seed=1)
-  s0, s0b, s1 = (jax.device_get(v["objective_state"]["nat"]) for v in (v0, v0b, v1))
+  _, init = _default_init()
+  batch = _batch(tiny_config("nat"))
+  s0, s0b, s1 = (jax.device_get(init(seed, batch)[1]["objective_state"]["nat"])
+                 for seed in (0, 0, 1))
   targets, assignment = s0["targets"], s0["assignment"]
-  assert targets.shape == (n, 64) and assignment.dtype == np.int32  # tiny_cnn x0.5: 64-d
+  assert targets.shape == (_N, 64) and assignment.dtype == np.int32  # tiny_cnn x0.5: 64-d
   np.testing.assert_allclose(np.linalg.norm(targets, axis=1), 1.0, rtol=1e-5)
   # Spread over the whole sphere (not e.g. the positive orthant).
   assert np.abs(targets.mean(axis=0)).max() < 0.1
-  np.testing.assert_array_equal(np.sort(assignment), np.arange(n))
-  assert not np.array_equal(assignment, np.arange(n))
+  np.testing.assert_array_equal(np.sort(assignment), np.arange(_N))
+  assert not np.array_equal(assignment, np.arange(_N))
   for k in ("targets", "assignment"):
     np.testing.assert_array_equal(s0[k], s0b[k])
     assert not np.array_equal(s0[k], s1[k])
@@ -147,11 +164,13 @@ def test_initial_state_is_unit_targets_and_a_permutation_fixed_by_the_seed():
 def test_projection_sets_the_target_dimension():
   c = tiny_config("nat")
   c.objectives.nat.proj_dim = 16
-  _, v, _ = _init(c, 20)
-  assert v["objective_state"]["nat"]["targets"].shape == (20, 16)
+  _, init = _init_fn(c, n=20)
+  shapes = jax.eval_shape(init, 0, _batch(c, n=20))  # shapes only: no compilation
+  assert shapes[1]["objective_state"]["nat"]["targets"].shape == (20, 16)
   c.objectives.nat.target_dim = 8
+  _, init = _init_fn(c, n=20)
   with pytest.raises(UserError, match="target_dim=8"):
-    _init(c, 20)
+    jax.eval_shape(init, 0, _batch(c, n=20))
 
 
 def _state(trainer):
@@ -165,19 +184,22 @@ def test_killed_run_resumes_to_the_same_targets_assignment_and_params(tmp_path):
   # checkpoint, between it and the cut after step 5 (redone on resume), and after.
   c.data.train_split = "train[:40]"
   c.objectives.nat.reassign_every_steps = 2
-  full = Trainer(c, str(tmp_path / "full"))
-  initial = jax.device_get(full.state["objective_state"]["nat"])
-  full.run()
-
-  cut = Trainer(c, str(tmp_path / "cut"))
-  cut.run(stop_after=5)
-  assert cut.checkpointer.latest_step() == 3
-  del cut
+  c.train.online_probe = False  # a smaller step to compile
+  run = Trainer(c, str(tmp_path / "run"))
+  initial = jax.device_get(run.state["objective_state"]["nat"])
+  run.run(stop_after=5)          # dies after step 5; the newest checkpoint is step 3
+  assert run.checkpointer.latest_step() == 3
+  # The dead run's directory, as a crash would leave it, is resumed by a new Trainer.
+  # The first Trainer then carries on in memory: that is the uninterrupted run (one
+  # compilation fewer than a third Trainer; nothing in stop_after alters the state).
+  shutil.copytree(tmp_path / "run", tmp_path / "cut")
   resumed = Trainer(c, str(tmp_path / "cut"))
   assert int(resumed.state["step"]) == 3
   resumed.run()
+  run.run()
 
-  a, b = _state(full), _state(resumed)
+  a, b = _state(run), _state(resumed)
+  assert int(a["step"]) == int(b["step"]) == 8
   for key in ("targets", "assignment"):
     np.testing.assert_array_equal(a["objective_state"]["nat"][key],
                                   b["objective_state"]["nat"][key])
@@ -187,6 +209,8 @@ def test_killed_run_resumes_to_the_same_targets_assignment_and_params(tmp_path):
   np.testing.assert_array_equal(np.sort(final["assignment"]), np.arange(40))
   assert not np.array_equal(final["assignment"], initial["assignment"])  # hooks ran
   np.testing.assert_array_equal(final["targets"], initial["targets"])
+  assert ([r["loss"] for r in read_metrics(str(tmp_path / "cut"))]
+          == [r["loss"] for r in read_metrics(str(tmp_path / "run"))])
 
 
 def test_source_without_stable_indices_is_refused(monkeypatch):
