@@ -17,25 +17,16 @@ anchors, ImageNet ResNet-50, not measured here: VTAB-1k mean 53.5 (fine-tuned); 
 original paper's VOC07 detection 51.4 mAP.
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import cifar10_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   c.objectives = {"context": objective(
       "context", 1.0, patch_size=0, jitter=-1, color_drop_prob=0.66, grayscale_prob=1.0,
       crop_scale=(0.64, 1.0), head_hidden=(4096,), patch_input_size=16)}
-  epochs, batch = 200, 256
-  steps_per_epoch = 50000 // batch
-  c.train.steps = epochs * steps_per_epoch
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  steps_per_epoch = set_epochs(c, epochs=200, batch=256, dataset="cifar10")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1
   c.optimizer.scale_with_batch = True

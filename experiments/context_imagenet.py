@@ -17,27 +17,16 @@ Expected (published anchors, not measured here): VTAB-1k mean 53.5 (ResNet-50,
 fine-tuned); VOC07 detection 51.4 mAP (Doersch et al., original network).
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import imagenet_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:imagenet2012"
-  c.data.test_split = "validation"
-  c.data.image_size = 256
-  c.data.num_workers = 16
-  c.encoder = {"name": "resnet50"}
+  c = imagenet_config(256)
   c.objectives = {"context": objective(
       "context", 1.0, patch_size=64, jitter=-1, color_drop_prob=0.66, grayscale_prob=1.0,
       crop_scale=(0.64, 1.0), head_hidden=(4096,), patch_input_size=0)}
-  epochs, batch = 35, 128
-  steps_per_epoch = 1281167 // batch
-  c.train.steps = epochs * steps_per_epoch
-  c.train.batch_size = batch
-  c.train.dtype = "bfloat16"
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  steps_per_epoch = set_epochs(c, epochs=35, batch=128, dataset="imagenet2012")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1
   c.optimizer.scale_with_batch = True

@@ -19,25 +19,16 @@ synthetic quickstart data this objective's probe stays at the random-init level 
 the module docstring).
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import cifar10_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   c.objectives = {"counting": objective(
       "counting", 1.0, tile_size=0, count_dim=1000, head_hidden=(4096,), margin=10.0,
       grayscale_prob=0.6, crop_scale=(0.6, 1.0), count_bn=True)}
-  epochs, batch = 200, 256
-  steps_per_epoch = 50000 // batch
-  c.train.steps = epochs * steps_per_epoch
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  steps_per_epoch = set_epochs(c, epochs=200, batch=256, dataset="cifar10")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1
   c.optimizer.scale_with_batch = False

@@ -18,27 +18,16 @@ Expected (published anchor, AlexNet, not measured here): VOC07 classification ~6
 detection ~51.4 mAP.
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import imagenet_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:imagenet2012"
-  c.data.test_split = "validation"
-  c.data.image_size = 228
-  c.data.num_workers = 16
-  c.encoder = {"name": "resnet50"}
+  c = imagenet_config(228)
   c.objectives = {"counting": objective(
       "counting", 1.0, tile_size=0, count_dim=1000, head_hidden=(4096,), margin=10.0,
       grayscale_prob=0.6, crop_scale=(0.6, 1.0), count_bn=True)}
-  epochs, batch = 100, 256
-  steps_per_epoch = 1281167 // batch
-  c.train.steps = epochs * steps_per_epoch
-  c.train.batch_size = batch
-  c.train.dtype = "bfloat16"
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  steps_per_epoch = set_epochs(c, epochs=100, batch=256, dataset="imagenet2012")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1
   c.optimizer.scale_with_batch = True

@@ -33,25 +33,17 @@ detection 44.5 mAP, segmentation 29.7 mIoU; a linear probe on CIFAR-10 is expect
 well below contrastive methods (SimCLR ~91%).
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import cifar10_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   # Every option is listed (at its default unless given), so any can be overridden.
   c.objectives = {"inpainting": objective(
       "inpainting", 1.0, mask_type="regions", mask_fraction=0.25, overlap=0,
       rec_weight=1.0, adv_weight=0.0, decoder_width=256, crop_scale=(0.3, 1.0))}
-  epochs, batch = 200, 256
-  c.train.steps = epochs * (50000 // batch)
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  set_epochs(c, epochs=200, batch=256, dataset="cifar10")
   c.optimizer.name = "adamw"
   c.optimizer.lr = 2e-3
   c.optimizer.scale_with_batch = False

@@ -27,27 +27,18 @@ ImageNet linear probes of AlexNet context-encoder features are reported at ~21-2
 by later papers. A ResNet-50 run of this recipe has no published number.
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import imagenet_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:imagenet2012"
-  c.data.test_split = "validation"
-  c.data.image_size = 128
-  c.data.num_workers = 16
-  c.encoder = {"name": "resnet50"}
+  c = imagenet_config(128)
   # Every option is listed (at its default unless given), so any can be overridden.
   c.objectives = {"inpainting": objective(
       "inpainting", 1.0, mask_type="center", mask_fraction=0.25, overlap=4,
       overlap_weight=10.0, rec_weight=0.999, adv_weight=0.001, decoder_width=512,
       disc_width=64, disc_lr=2e-4, disc_b1=0.5, crop_scale=(0.08, 1.0))}
-  epochs, batch = 100, 256
-  steps_per_epoch = 1281167 // batch
-  c.train.steps = epochs * steps_per_epoch
-  c.train.batch_size = batch
-  c.train.dtype = "bfloat16"
+  steps_per_epoch = set_epochs(c, epochs=100, batch=256, dataset="imagenet2012")
   c.train.log_every = 100
   c.train.checkpoint_every = 2000
   c.optimizer.name = "adamw"

@@ -26,7 +26,7 @@ Expected: no published anchor for this combination on CIFAR-10 (the paper's numb
 ResNet-101 on ImageNet); measure against the single-task configs with the same probe.
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import cifar10_config, objective, set_epochs
 from selfsup.errors import UserError
 
 MEMBERS = ("rotation", "context", "simclr")
@@ -50,11 +50,7 @@ def parse_weights(arg: str) -> dict:
 
 def get_config(arg: str = ""):
   weights = parse_weights(arg)
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   members = {
       "rotation": objective("rotation", weights["rotation"], crop_scale=(0.6, 1.0)),
       "context": objective("context", weights["context"], patch_input_size=16,
@@ -65,15 +61,11 @@ def get_config(arg: str = ""):
   }
   # A member with weight 0 is left out rather than computed and multiplied by zero.
   c.objectives = {name: options for name, options in members.items() if weights[name] > 0}
-  epochs, batch = 200, 256
-  c.train.steps = epochs * (50000 // batch)
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  steps_per_epoch = set_epochs(c, epochs=200, batch=256, dataset="cifar10")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1
   c.optimizer.scale_with_batch = False
   c.optimizer.nesterov = True
   c.optimizer.weight_decay = 5e-4
-  c.optimizer.warmup_steps = 5 * (50000 // batch)
+  c.optimizer.warmup_steps = 5 * steps_per_epoch
   return c

@@ -19,23 +19,15 @@ reports AlexNet on ImageNet and PASCAL VOC); compare with the random-init probe
 probe only after ~10 epochs (see objectives/nat.py).
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import cifar10_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   c.objectives = {"nat": objective("nat", 1.0, proj_dim=0, reassign_every_epochs=3,
                                    crop_scale=(0.5, 1.0), flip_prob=0.5)}
-  epochs, batch = 200, 256
-  c.train.steps = epochs * (50000 // batch)
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  set_epochs(c, epochs=200, batch=256, dataset="cifar10")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.01
   c.optimizer.scale_with_batch = False

@@ -20,25 +20,15 @@ Expected: no anchor in OBJECTIVES.md, and none is published for this setting (th
 reports AlexNet on ImageNet and PASCAL VOC, not ResNet-50).
 """
 
-from selfsup.config import default_config, objective
+from selfsup.config import imagenet_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:imagenet2012"
-  c.data.test_split = "validation"
-  c.data.image_size = 224
-  c.data.num_workers = 16
-  c.encoder = {"name": "resnet50"}
+  c = imagenet_config()
   c.objectives = {"nat": objective("nat", 1.0, proj_dim=0, reassign_every_epochs=3,
                                    crop_scale=(0.5, 1.0), flip_prob=0.5)}
-  epochs, batch = 100, 256
-  c.train.steps = epochs * (1281167 // batch)
-  c.train.batch_size = batch
-  c.train.dtype = "bfloat16"
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  set_epochs(c, epochs=100, batch=256, dataset="imagenet2012")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.01
   c.optimizer.scale_with_batch = False

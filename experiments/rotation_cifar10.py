@@ -11,22 +11,14 @@ conv2-block features; a linear probe on the pooled ResNet-18 output is lower. A 
 short run is in the README's results table.
 """
 
-from selfsup.config import default_config
+from selfsup.config import cifar10_config, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   c.objectives = {"rotation": {"weight": 1.0, "crop_scale": (0.6, 1.0)}}
-  epochs, batch = 200, 128
-  c.train.steps = epochs * (50000 // batch)
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  set_epochs(c, epochs=200, batch=128, dataset="cifar10")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1
   c.optimizer.scale_with_batch = False

@@ -12,24 +12,15 @@ Expected (published anchor, not measured here): ~90.7-91% linear top-1 after 100
 README's results table.
 """
 
-from selfsup.config import default_config
+from selfsup.config import cifar10_config, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
-  c = default_config()
-  c.data.source = "tfds:cifar10"
-  c.data.image_size = 32
-  c.data.num_workers = 4
-  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c = cifar10_config()
   c.objectives = {"simclr": {"weight": 1.0, "temperature": 0.5, "proj_hidden": (2048,),
                              "proj_dim": 128, "jitter_strength": 0.5, "blur_prob": 0.0}}
-  epochs, batch = 1000, 512
-  steps_per_epoch = 50000 // batch
-  c.train.steps = epochs * steps_per_epoch
-  c.train.batch_size = batch
-  c.train.log_every = 100
-  c.train.checkpoint_every = 5000
+  steps_per_epoch = set_epochs(c, epochs=1000, batch=512, dataset="cifar10")
   c.optimizer.name = "lars"
   c.optimizer.lr = 0.3
   c.optimizer.weight_decay = 1e-6

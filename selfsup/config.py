@@ -124,3 +124,40 @@ def objective(name: str, weight: float = 1.0, **options) -> dict:
       raise UserError(f"objective {name!r} has no option {key!r}; valid options: "
                       f"{', '.join(fields)}")
   return {"weight": weight, **fields, **options}
+
+
+DATASET_SIZES = {"cifar10": 50000, "imagenet2012": 1281167}
+
+
+def cifar10_config() -> ml_collections.ConfigDict:
+  """Defaults shared by the CIFAR-10 recipes: 32x32, ResNet-18 with the CIFAR stem."""
+  c = default_config()
+  c.data.source = "tfds:cifar10"
+  c.data.image_size = 32
+  c.data.num_workers = 4
+  c.encoder = {"name": "resnet18", "cifar_stem": True}
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  return c
+
+
+def imagenet_config(image_size: int = 224) -> ml_collections.ConfigDict:
+  """Defaults shared by the ImageNet recipes: ResNet-50, bfloat16 compute."""
+  c = default_config()
+  c.data.source = "tfds:imagenet2012"
+  c.data.test_split = "validation"
+  c.data.image_size = image_size
+  c.data.num_workers = 16
+  c.encoder = {"name": "resnet50"}
+  c.train.dtype = "bfloat16"
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  return c
+
+
+def set_epochs(c, epochs: int, batch: int, dataset: str) -> int:
+  """Sets batch size and steps for `epochs` passes over `dataset`; returns steps/epoch."""
+  steps_per_epoch = DATASET_SIZES[dataset] // batch
+  c.train.batch_size = batch
+  c.train.steps = epochs * steps_per_epoch
+  return steps_per_epoch
