@@ -12,7 +12,10 @@ Three optional hooks cover what cannot be a gradient step:
 - `post_update(state, params, step)`: pure and jitted, after the optimizer step
   (EMA teachers, momentum schedules, prototype re-normalisation).
 - `host_update(state, host_outputs, step, ctx)`: NumPy/SciPy on the host between steps,
-  fed by the `host` arrays the objective returned (NAT's Hungarian reassignment).
+  fed by the `host` arrays the objective returned (NAT's Hungarian reassignment). It
+  receives the device arrays (read them with `np.asarray`, which fetches only what is
+  read; copy before writing) and returns the state object unchanged when it has nothing
+  to do, or a new state that the trainer puts back on the devices.
 - `optimizer_groups()`: extra parameter groups with their own optimizer, e.g. a GAN
   discriminator, as {label: (path predicate, optax transform builder)}.
 The trainer never names a specific objective; objectives never mention devices.

@@ -231,6 +231,9 @@ class Trainer:
     stop_after: stop (without a final checkpoint, as a crash would) once this many steps
     ran in this call; used to test resumption.
     """
+    if self.workdir is None:
+      raise ValueError("Trainer.run needs a workdir (metrics and checkpoints go there); "
+                       "use train_step() to drive a Trainer built without one")
     c = self.config
     total = c.train.steps
     start = int(jax.device_get(self.state["step"]))
