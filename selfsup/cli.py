@@ -19,6 +19,8 @@ def run_main(main, argv=None):
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
+  except UserError as e:  # raised while loading the config file (e.g. an unknown objective)
+    _fail(str(e))
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a key the config does not have.
     text = str(e).replace("\\n", "\n").replace("\\'", "'")

@@ -76,3 +76,19 @@ def test_probe_on_a_folder_that_is_not_a_run(tmp_path):
   proc = run_cli(["-m", "evals.linear_probe", "--checkpoint", str(tmp_path),
                   "--dataset", "synthetic:shapes"])
   _assert_one_line_error(proc, "not a training workdir")
+
+
+@pytest.mark.parametrize("config,extra,fragments", [
+    ("quickstart.py:rotation+jigsaw", [], ["jigsaw", "context", "nat"]),
+    ("quickstart.py:inpainting", ["--config.objectives.inpainting.mask_fraction=1.5"],
+     ["mask_fraction=1.5", "(0, 1)"]),
+    ("quickstart.py:context", ["--config.objectives.context.patch_size=20"],
+     ["patch_size=20", "valid patch_size"]),
+    ("quickstart.py:rotation+simclr", ["--config.objectives.rotation.weight=0",
+                                       "--config.objectives.simclr.weight=0"], ["sum to zero"]),
+])
+def test_bad_objective_settings(tmp_path, config, extra, fragments):
+  args = [a if not a.startswith("experiments/quickstart.py") else f"experiments/{config}"
+          for a in TRAIN]
+  proc = run_cli(args + ["--workdir", str(tmp_path / "w")] + extra)
+  _assert_one_line_error(proc, *fragments)
