@@ -18,8 +18,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -34,9 +36,18 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
-  def restore_state_only(self, step: int, abstract_state=None):
-    args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else None
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+  def restore_state_only(self, step: int):
+    """The train state onto this process's first device, whatever mesh saved it.
+
+    The target comes from the checkpoint's own metadata, so evaluation needs neither the
+    optimizer nor the topology of the training run (8 devices, FSDP, ...).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self.manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
     return restored["state"]
 
   def wait(self):

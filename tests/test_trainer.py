@@ -43,6 +43,8 @@ EIGHT_DEVICES = textwrap.dedent("""
       if name == "fsdp":
         specs = [str(x.sharding.spec) for x in jax.tree.leaves(t.state["params"])]
         out["fsdp_sharded"] = any("data" in s for s in specs)
+        t.save(3)
+        t.checkpointer.wait()
     print(json.dumps(out))
 """)
 
@@ -60,6 +62,11 @@ def test_eight_devices_match_one(tmp_path):
   for name in ("eight", "fsdp"):
     np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(out[name]["params"], out["one"]["params"], rtol=1e-3, atol=2e-5)
+  # A checkpoint written by the 8-device FSDP run loads on this 1-device process.
+  from evals.features import load_encoder
+  _, _, variables, step = load_encoder(str(tmp_path / "fsdp"))
+  assert step == 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 
 
 def _params(trainer):
