@@ -40,3 +40,24 @@ def run_cli(args, env_extra=None, timeout=300):
   env.update(env_extra or {})
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
+
+
+def model_forward(config, batch_size=8, train=True):
+  """Builds the config's PretextModel, initialises it on a random uint8 batch and runs
+  one forward pass; returns (apply, variables, batch, (loss, metrics, host))."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from selfsup.trainer import build_model
+  model = build_model(config)
+  size = config.data.image_size
+  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (batch_size, size, size, 3)),
+                                jnp.uint8),
+           "label": jnp.zeros((batch_size,), jnp.int32), "index": jnp.arange(batch_size)}
+  variables = jax.jit(model.init)(
+      {"params": jax.random.key(0), "augment": jax.random.key(1)}, batch)
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  outputs, _ = apply(variables, batch, train=train, rngs={"augment": jax.random.key(2)},
+                     mutable=("batch_stats", "objective_state"))
+  return apply, variables, batch, outputs

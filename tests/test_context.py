@@ -196,19 +196,11 @@ def test_standardize_patches():
 
 def test_objective_forward_train_and_eval(tiny):
   """At init the 8-way loss is near ln 8; eval mode needs no augment key."""
-  from selfsup.trainer import build_model
+  from conftest import model_forward
   c = tiny("context")
   c.objectives.context.head_hidden = (32,)
   c.objectives.context.patch_input_size = 8
-  model = build_model(c)
-  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)),
-                                jnp.uint8),
-           "label": jnp.zeros((8,), jnp.int32), "index": jnp.arange(8)}
-  variables = jax.jit(model.init)(
-      {"params": jax.random.key(0), "augment": jax.random.key(1)}, batch)
-  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
-  (loss, metrics, _), _ = apply(variables, batch, rngs={"augment": jax.random.key(2)},
-                                mutable=("batch_stats", "objective_state"))
+  apply, variables, batch, (loss, metrics, _) = model_forward(c)
   assert abs(float(metrics["context/loss"]) - np.log(8)) < 0.7
   assert float(loss) == pytest.approx(float(metrics["context/loss"]))
   (eval_loss, _, _), _ = apply(variables, batch, train=False,

@@ -108,19 +108,12 @@ def test_counting_views_and_random_method():
 
 
 def test_objective_forward_and_validation(tiny):
-  from selfsup.trainer import Trainer, build_model
+  from conftest import model_forward
+  from selfsup.trainer import Trainer
   c = tiny("counting")
   c.objectives.counting.head_hidden = (32,)
   c.objectives.counting.count_dim = 16
-  model = build_model(c)
-  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)),
-                                jnp.uint8),
-           "label": jnp.zeros((8,), jnp.int32), "index": jnp.arange(8)}
-  variables = jax.jit(model.init)(
-      {"params": jax.random.key(0), "augment": jax.random.key(1)}, batch)
-  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
-  (loss, metrics, _), _ = apply(variables, batch, rngs={"augment": jax.random.key(2)},
-                                mutable=("batch_stats", "objective_state"))
+  apply, variables, batch, (loss, metrics, _) = model_forward(c)
   assert np.isfinite(float(loss)) and float(loss) >= 0
   assert float(loss) == pytest.approx(float(metrics["counting/loss"]))
   assert {"counting/equivariance_sq", "counting/contrast_sq", "counting/hinge_active"} <= set(

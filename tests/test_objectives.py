@@ -73,14 +73,7 @@ def test_rotation_views_reject_non_square():
 
 def test_rotation_objective_loss_is_cross_entropy_on_four_classes(tiny):
   """At init a linear head on BN-normalised features gives a loss near ln 4."""
-  from selfsup.trainer import build_model
-  c = tiny("rotation")
-  model = build_model(c)
-  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)),
-                                jnp.uint8),
-           "label": jnp.zeros((8,), jnp.int32), "index": jnp.arange(8)}
-  variables = model.init({"params": jax.random.key(0), "augment": jax.random.key(1)}, batch)
-  (loss, metrics, _), _ = model.apply(variables, batch, rngs={"augment": jax.random.key(2)},
-                                      mutable=["batch_stats", "objective_state"])
+  from conftest import model_forward
+  _, _, _, (loss, metrics, _) = model_forward(tiny("rotation"))
   assert abs(float(metrics["rotation/loss"]) - np.log(4)) < 0.5
   assert float(loss) == pytest.approx(float(metrics["rotation/loss"]))
