@@ -45,22 +45,18 @@ def run_config(spec: str, *, dataset: str, encoder: dict, steps: int, batch_size
 def compare(specs, *, dataset: str, workdir: str, encoder: dict, steps: int = 300,
             batch_size: int = 128, image_size: int = 32, max_train=10000, max_test=2000,
             seed: int = 0, data_dir=None, dtype: str = "float32", log=print) -> list[dict]:
-  import jax
-  import numpy as np
   from ml_collections import ConfigDict
 
-  from evals import features as features_lib
-  from evals.linear_probe import load_split, probe_arrays
+  import encoders as encoders_lib
+  from evals.linear_probe import load_split, probe_live, probe_random_init
   from selfsup.trainer import Trainer
 
   train = load_split(dataset, "train", image_size, max_train, data_dir)
   test = load_split(dataset, "test", image_size, max_test, data_dir)
-  import encoders as encoders_lib
   rows = []
   # The baseline first: a run cut short still has it.
-  enc = encoders_lib.build_encoder(ConfigDict(encoder), "float32")
-  fresh = features_lib.random_init_variables(enc, image_size, seed=seed)
-  result = probe_arrays(enc, fresh, train, test)
+  result = probe_random_init(encoders_lib.build_encoder(ConfigDict(encoder)), image_size,
+                             train, test, seed=seed)
   rows.append({"objectives": "random-init", "probe_top1": result["top1"],
                "probe_top5": result["top5"], "l2": result["l2"], "steps": 0})
   log(json.dumps(rows[-1]), flush=True)
@@ -72,9 +68,7 @@ def compare(specs, *, dataset: str, workdir: str, encoder: dict, steps: int = 30
     trainer = Trainer(config, os.path.join(workdir, spec.replace("+", "_")))
     last = trainer.run()
     train_s = time.perf_counter() - t0
-    state = jax.device_get(trainer.state)
-    enc = trainer.model.encoder.clone(dtype=np.float32)
-    result = probe_arrays(enc, features_lib.encoder_variables(state), train, test)
+    result = probe_live(trainer, train, test)
     row = {"objectives": spec, "probe_top1": result["top1"], "probe_top5": result["top5"],
            "l2": result["l2"], "steps": steps, "train_seconds": round(train_s, 1),
            "images_per_s": round(last.get("images_per_s", float("nan")), 1),

@@ -65,23 +65,33 @@ def probe_checkpoint(checkpoint: str, dataset: str, *, train_split="train", test
   return result
 
 
+def probe_live(trainer, train, test) -> dict:
+  """Probe of a live Trainer's encoder (float32 features) on loaded arrays."""
+  import jax
+  state = jax.device_get(trainer.state)
+  return probe_arrays(trainer.model.encoder.clone(dtype=np.float32),
+                      features_lib.encoder_variables(state), train, test)
+
+
+def probe_random_init(encoder, image_size: int, train, test, seed: int = 0) -> dict:
+  """The baseline: the same encoder architecture, freshly initialised."""
+  encoder = encoder.clone(dtype=np.float32)
+  fresh = features_lib.random_init_variables(encoder, image_size, seed=seed)
+  return probe_arrays(encoder, fresh, train, test)
+
+
 def probe_trainer(trainer, *, random_init_too: bool = True) -> dict:
   """End-of-run probe from a live Trainer (the quickstart): trained vs random-init."""
-  import jax
   c = trainer.config
-  encoder = trainer.model.encoder
   size = c.data.image_size
   train = load_split(c.data.source, c.data.train_split, size, c.probe.train_examples,
-                      c.data.data_dir or None)
-  test = load_split(c.data.source, c.data.test_split, size, c.probe.test_examples,
                      c.data.data_dir or None)
-  state = jax.device_get(trainer.state)
-  trained = probe_arrays(encoder.clone(dtype=np.float32), features_lib.encoder_variables(state),
-                         train, test)
+  test = load_split(c.data.source, c.data.test_split, size, c.probe.test_examples,
+                    c.data.data_dir or None)
+  trained = probe_live(trainer, train, test)
   out = {"probe_top1": trained["top1"], "probe_l2": trained["l2"]}
   if random_init_too:
-    fresh = features_lib.random_init_variables(encoder.clone(dtype=np.float32), size, seed=c.seed)
-    baseline = probe_arrays(encoder.clone(dtype=np.float32), fresh, train, test)
+    baseline = probe_random_init(trainer.model.encoder, size, train, test, seed=c.seed)
     out["random_init_probe_top1"] = baseline["top1"]
   return out
 

@@ -37,19 +37,24 @@ def objective_fields(name: str) -> list[str]:
           if f.init and f.name not in ("parent", "name") + RUN_FIELDS]
 
 
-def build_objective(name: str, options: dict, *, image_size: int, dtype,
-                    dataset_size: int = 0) -> Objective:
-  """Instantiates objective `name` with `options` (unknown options are an error)."""
+def check_options(name: str, options) -> list[str]:
+  """Raises UserError for an option `name` does not have; returns the valid options."""
   valid = objective_fields(name)
-  declared = {f.name for f in dataclasses.fields(objective_class(name))}
-  run = {k: v for k, v in dict(image_size=image_size, dtype=dtype,
-                               dataset_size=dataset_size).items() if k in declared}
-  kwargs = {}
-  for key, value in options.items():
+  for key in options:
     if key not in valid:
       raise UserError(f"objective {name!r} has no option {key!r}; valid options: "
                       f"{', '.join(valid)}")
-    kwargs[key] = tuple(value) if isinstance(value, list) else value
+  return valid
+
+
+def build_objective(name: str, options: dict, *, image_size: int, dtype,
+                    dataset_size: int = 0) -> Objective:
+  """Instantiates objective `name` with `options` (unknown options are an error)."""
+  check_options(name, options)
+  declared = {f.name for f in dataclasses.fields(objective_class(name))}
+  run = {k: v for k, v in dict(image_size=image_size, dtype=dtype,
+                               dataset_size=dataset_size).items() if k in declared}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
   try:
     return objective_class(name)(**run, **kwargs)
   except (TypeError, ValueError) as e:
@@ -57,4 +62,4 @@ def build_objective(name: str, options: dict, *, image_size: int, dtype,
 
 
 __all__ = ["HostContext", "Objective", "ObjectiveOutput", "REGISTRY", "build_objective",
-           "objective_class", "objective_fields"]
+           "check_options", "objective_class", "objective_fields"]

@@ -117,12 +117,9 @@ def objective(name: str, weight: float = 1.0, **options) -> dict:
   import dataclasses
 
   import objectives as objectives_lib
+  valid = objectives_lib.check_options(name, options)
   fields = {f.name: f.default for f in dataclasses.fields(objectives_lib.objective_class(name))
-            if f.name in objectives_lib.objective_fields(name)}
-  for key in options:
-    if key not in fields:
-      raise UserError(f"objective {name!r} has no option {key!r}; valid options: "
-                      f"{', '.join(fields)}")
+            if f.name in valid}
   return {"weight": weight, **fields, **options}
 
 
