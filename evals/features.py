@@ -55,7 +55,7 @@ def load_encoder(workdir: str, step: int | None = None):
   """(config, encoder module, variables at the newest or given checkpoint, step)."""
   import encoders
   from selfsup import checkpoint as ckpt_lib
-  from selfsup.trainer import load_config
+  from selfsup.workdir import load_config
   config = load_config(workdir)
   encoder = encoders.build_encoder(config.encoder, "float32")
   ckdir = os.path.join(workdir, "checkpoints")

@@ -7,12 +7,13 @@ member builds its own views and heads on the same encoder, and the loss is the w
 sum.
 """
 
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import encoders
+import objectives as objectives_lib
 from objectives.base import accuracy, cross_entropy
 from selfsup import augment
 
@@ -50,3 +51,19 @@ class PretextModel(nn.Module):
       metrics["probe/acc"] = accuracy(logits, batch["label"])
       total = total + probe_loss
     return total, metrics, host
+
+
+def build_model(config, num_classes: int = 0, dataset_size: int = 0):
+  """The PretextModel a config describes (also used by evals to rebuild the encoder)."""
+  encoder = encoders.build_encoder(config.encoder, config.train.dtype)
+  dtype = encoders.DTYPES[config.train.dtype]
+  names, templates, weights = [], [], []
+  for name, options in config.objectives.items():
+    options = dict(options)
+    weights.append(float(options.pop("weight", 1.0)))
+    templates.append(objectives_lib.build_objective(
+        name, options, image_size=config.data.image_size, dtype=dtype,
+        dataset_size=dataset_size))
+    names.append(name)
+  return PretextModel(encoder=encoder, objectives=tuple(templates), names=tuple(names),
+                      weights=tuple(weights), num_classes=num_classes)

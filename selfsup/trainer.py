@@ -8,20 +8,15 @@ optimizer update, objectives' post-update. `Trainer.run()` loops, logs, runs hos
 and checkpoints (also on SIGTERM, for preemption).
 """
 
-import json
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-import encoders
-import objectives as objectives_lib
 from objectives.base import HostContext
 from selfsup import checkpoint as ckpt_lib
 from selfsup import config as config_lib
@@ -29,60 +24,8 @@ from selfsup import data as data_lib
 from selfsup import optim, sharding
 from selfsup.errors import UserError
 from selfsup.metrics_log import MetricsLogger
-from selfsup.model import PretextModel
-
-CONFIG_FILE = "config.json"
-
-
-def build_model(config, num_classes: int = 0, dataset_size: int = 0):
-  """The PretextModel a config describes (also used by evals to rebuild the encoder)."""
-  encoder = encoders.build_encoder(config.encoder, config.train.dtype)
-  dtype = encoders.DTYPES[config.train.dtype]
-  names, templates, weights = [], [], []
-  for name, options in config.objectives.items():
-    options = dict(options)
-    weights.append(float(options.pop("weight", 1.0)))
-    templates.append(objectives_lib.build_objective(
-        name, options, image_size=config.data.image_size, dtype=dtype,
-        dataset_size=dataset_size))
-    names.append(name)
-  return PretextModel(encoder=encoder, objectives=tuple(templates), names=tuple(names),
-                      weights=tuple(weights), num_classes=num_classes)
-
-
-def check_workdir_config(workdir: str, config) -> None:
-  """A workdir belongs to one encoder/objective setup: refuse to resume another."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  for section in ("encoder", "objectives"):
-    now = json.loads(config[section].to_json())
-    if saved.get(section) != now:
-      raise UserError(
-          f"{workdir} holds a run with {section} {json.dumps(saved.get(section))}, not "
-          f"{json.dumps(now)}; use a new --workdir or the original config")
-
-
-def save_config(workdir: str, config) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2))
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise UserError(f"{workdir} is not a training workdir (no {CONFIG_FILE}); pass the "
-                    "--workdir given to selfsup.train")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
+from selfsup.model import build_model
+from selfsup.workdir import check_workdir_config, save_config
 
 class Trainer:
   def __init__(self, config, workdir: str | None, *, devices=None,

@@ -49,7 +49,7 @@ def model_forward(config, batch_size=8, train=True):
   import jax.numpy as jnp
   import numpy as np
 
-  from selfsup.trainer import build_model
+  from selfsup.model import build_model
   model = build_model(config)
   size = config.data.image_size
   batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (batch_size, size, size, 3)),

@@ -301,7 +301,7 @@ def test_pipeline_checkpoint_resume_with_workers():
 
 def test_iterator_state_json_roundtrip_of_odd_types():
   state = {'a': np.int64(3), 'b': b'\x00\x01', 'c': {1: [2, 3]}, 'd': (4,)}
-  back = data._from_jsonable(json.loads(json.dumps(data._to_jsonable(state))))
+  back = data.pipeline._from_jsonable(json.loads(json.dumps(data.pipeline._to_jsonable(state))))
   assert back == {'a': 3, 'b': b'\x00\x01', 'c': {1: [2, 3]}, 'd': [4]}
 
 

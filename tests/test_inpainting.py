@@ -13,7 +13,8 @@ from objectives.inpainting import (decoder_stages, inpainting_masks, loss_weight
                                    masked_l2_loss)
 from selfsup import augment
 from selfsup.errors import UserError
-from selfsup.trainer import Trainer, build_model
+from selfsup.model import build_model
+from selfsup.trainer import Trainer
 
 
 # XLA:CPU takes ~0.6 s to compile each threefry draw, and a model init has one per

@@ -6,7 +6,8 @@ from conftest import tiny_config
 from selfsup import config as config_lib
 from selfsup.errors import UserError
 from selfsup.metrics_log import read_metrics
-from selfsup.trainer import Trainer, build_model
+from selfsup.model import build_model
+from selfsup.trainer import Trainer
 
 
 def test_combination_trains_and_logs_the_weighted_sum(tmp_path):

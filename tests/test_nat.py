@@ -15,7 +15,8 @@ from objectives.nat import NoiseAsTargets, nat_loss, reassign
 from selfsup import data as data_lib
 from selfsup.errors import UserError
 from selfsup.metrics_log import read_metrics
-from selfsup.trainer import Trainer, build_model
+from selfsup.model import build_model
+from selfsup.trainer import Trainer
 
 
 def _unit(rng, n, d):

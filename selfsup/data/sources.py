@@ -1,8 +1,4 @@
-"""Data sources and the grain host input pipeline.
-
-The data path runs in one direction (see docs/design.md):
-
-  source (random access) -> grain host pipeline -> device (augment, encoder, loss)
+"""What an example is: the data sources.
 
 A *source* is a random-access sequence (`__len__`, `__getitem__`) of example dicts::
 
@@ -16,22 +12,13 @@ table) can key on it. Three kinds of source exist, picked by a spec string:
   folder:PATH                       PATH/SPLIT/CLASS/*.jpg|*.jpeg|*.png
   tfds:NAME[/CONFIG][:VERSION]      a prepared TFDS dataset, read without TensorFlow
 
-The host pipeline only shuffles, shards by process, decodes, resizes to a fixed size and
-batches uint8 images: every random augmentation runs on the device inside the jitted
-step, which keeps hosts from becoming the bottleneck and makes runs reproducible.
-Batches hold exactly the keys `image`, `label` and `index`; source-specific extra labels
-(the synthetic `count`, `position`, `orientation`) are dropped there so every source
-yields the same batch structure; read them from the source itself when needed.
+How examples become batches is `selfsup.data.pipeline`.
 """
 
 from __future__ import annotations
 
-import base64
-import concurrent.futures
 import copy
-import dataclasses
 import functools
-import json
 import os
 import re
 import threading
@@ -39,27 +26,10 @@ import warnings
 import zlib
 from typing import Any, Protocol, Sequence
 
-import grain
 import numpy as np
 from PIL import Image
 
 from selfsup.errors import UserError, unknown_name
-
-__all__ = [
-    'DataSource',
-    'FolderSource',
-    'ShapesSource',
-    'SHAPE_NAMES',
-    'SYNTHETIC_SOURCES',
-    'TfdsSource',
-    'dataset_size',
-    'iterator_state_to_json',
-    'load_arrays',
-    'make_pipeline',
-    'make_source',
-    'resize_and_crop',
-    'restore_iterator_state',
-]
 
 SOURCE_FORMS = ('synthetic:NAME', 'folder:PATH', 'tfds:NAME[/CONFIG][:VERSION]')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -611,256 +581,3 @@ def dataset_size(source: DataSource) -> int:
   """Number of examples in a source."""
   return len(source)
 
-
-# ----------------------------------------------------------------------------------------
-# Host preprocessing and the grain pipeline.
-
-
-def resize_and_crop(image: np.ndarray, image_size: int) -> np.ndarray:
-  """Resizes the shorter side to image_size (bilinear, antialiased) and centre-crops a square."""
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  h, w = image.shape[:2]
-  if (h, w) == (image_size, image_size):
-    return image.astype(np.uint8, copy=False)
-  scale = image_size / min(h, w)
-  nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
-  if (nh, nw) != (h, w):
-    # PIL's bilinear filter widens its support when shrinking: that is the antialiasing.
-    image = np.asarray(Image.fromarray(image.astype(np.uint8, copy=False)).resize(
-        (nw, nh), Image.BILINEAR))
-  top, left = (nh - image_size) // 2, (nw - image_size) // 2
-  return image[top:top + image_size, left:left + image_size]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Preprocess:
-  """Decode + fixed-size resize; a picklable top-level callable for grain workers."""
-
-  image_size: int
-
-  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {
-        'image': np.ascontiguousarray(resize_and_crop(example['image'], self.image_size)),
-        'label': np.int32(example['label']),
-        'index': np.int32(example['index']),
-    }
-
-
-def _sized(source: DataSource, image_size: int) -> DataSource:
-  # Sources that can decode cheaper at a known output size (JPEG draft mode) say so.
-  for_size = getattr(source, 'for_image_size', None)
-  return for_size(image_size) if for_size is not None else source
-
-
-def _shuffle_seed(seed: int) -> int:
-  # grain seeds epoch e with (seed + e): mixing the user seed first keeps seed s + 1 from
-  # replaying the epochs of seed s shifted by one.
-  return int(np.random.SeedSequence([int(seed) % 2**63, 0x5EED]).generate_state(1)[0])
-
-
-def _ensure_absl_flags_parsed() -> None:
-  # grain's multiprocess prefetch reads an absl flag (worker profiling) and fails with
-  # UnparsedFlagAccessError outside an absl app (pytest, notebooks); defaults are right.
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  return int(process_index), int(process_count)
-
-
-def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed: int,
-                  shuffle: bool = True, num_epochs: int | None = None,
-                  drop_remainder: bool = True, num_workers: int = 0, prefetch: int = 2,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
-  """Builds this process's checkpointable iterator of uint8 batches.
-
-  Order: shuffle the whole source (a fresh permutation every epoch, a pure function of
-  `seed`), keep this process's stride of it, repeat, decode + resize, batch. Shuffling
-  before sharding means every process sees a different random subset each epoch while the
-  processes stay disjoint within an epoch. With several processes each epoch is cut to a
-  multiple of `process_count` so all processes yield the same number of batches (a
-  shorter one would hang the collectives of the others).
-
-  The batches are a pure function of (source, seed, batch_size, process_index,
-  process_count, num_workers): with workers, each worker batches its own stride of the
-  examples, so changing num_workers changes the batches, and a saved iterator state only
-  restores into a pipeline built with the same arguments.
-
-  Args:
-    source: a random-access source (see `make_source`).
-    batch_size: the GLOBAL batch size; each process yields batch_size // process_count.
-    image_size: output height and width.
-    seed: shuffle seed.
-    shuffle: whether to shuffle (False keeps source order: evaluation).
-    num_epochs: passes over the data; None repeats forever.
-    drop_remainder: drop a last partial batch (only matters with finite num_epochs).
-    num_workers: grain worker processes for decoding (0: threads in this process).
-    prefetch: batches buffered ahead (per worker when num_workers > 0).
-    process_index: this process (default `jax.process_index()`).
-    process_count: number of processes (default `jax.process_count()`).
-
-  Returns:
-    A grain `DatasetIterator` of dicts `image` uint8 (b, image_size, image_size, 3),
-    `label` int32 (b,), `index` int32 (b,). Save and restore its position with
-    `iterator_state_to_json` / `restore_iterator_state`.
-
-  Raises:
-    UserError: on invalid sizes or a batch that does not divide over the processes.
-  """
-  process_index, process_count = _process_defaults(process_index, process_count)
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise UserError(f'process_index must be in [0, process_count); got {process_index} of '
-                    f'{process_count}')
-  if batch_size < 1 or batch_size % process_count:
-    raise UserError(f'global batch_size {batch_size} must be a positive multiple of the '
-                    f'number of processes ({process_count})')
-  if image_size < 1:
-    raise UserError(f'image_size must be positive, got {image_size}')
-  if num_epochs is not None and num_epochs < 1:
-    raise UserError(f'num_epochs must be a positive integer or None, got {num_epochs}')
-  if num_workers < 0 or prefetch < 1:
-    raise UserError(f'num_workers must be >= 0 and prefetch >= 1; got {num_workers} and '
-                    f'{prefetch}')
-  local_batch = batch_size // process_count
-  n = len(source)
-  per_process = n // process_count
-  if per_process < 1:
-    raise UserError(f'{getattr(source, "name", "source")} has {n} examples, fewer than the '
-                    f'{process_count} processes')
-
-  ds = grain.MapDataset.source(_sized(source, image_size))
-  if shuffle:
-    ds = ds.shuffle(seed=_shuffle_seed(seed))
-  if process_count > 1:
-    ds = ds[:per_process * process_count][process_index::process_count]
-  ds = ds.repeat(num_epochs)
-  ds = ds.map(_Preprocess(image_size))
-  # Per-example reads run in a thread pool; batching after it keeps the buffer in
-  # examples small instead of holding hundreds of whole batches.
-  read = grain.ReadOptions(num_threads=16 if num_workers == 0 else 4,
-                           prefetch_buffer_size=max(prefetch * local_batch, 16))
-  it_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=drop_remainder)
-  if num_workers > 0:
-    _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch))
-  return iter(it_ds)
-
-
-def _to_jsonable(x: Any) -> Any:
-  """Makes a grain state JSON-serialisable without losing types json would change.
-
-  grain's states are dicts of ints and lists today, but its docs reserve the right to
-  change the format: bytes, numpy scalars and non-string dict keys are encoded so that
-  `_from_jsonable` gives back exactly what `get_state` returned.
-  """
-  if isinstance(x, dict):
-    if all(isinstance(k, str) for k in x):
-      return {k: _to_jsonable(v) for k, v in x.items()}
-    return {'__items__': [[_to_jsonable(k), _to_jsonable(v)] for k, v in x.items()]}
-  if isinstance(x, (list, tuple)):
-    return [_to_jsonable(v) for v in x]
-  if isinstance(x, bytes):
-    return {'__bytes__': base64.b64encode(x).decode('ascii')}
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return x
-
-
-def _from_jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    if set(x) == {'__bytes__'}:
-      return base64.b64decode(x['__bytes__'])
-    if set(x) == {'__items__'}:
-      return {_from_jsonable(k): _from_jsonable(v) for k, v in x['__items__']}
-    return {k: _from_jsonable(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_from_jsonable(v) for v in x]
-  return x
-
-
-def iterator_state_to_json(it: grain.DatasetIterator) -> str:
-  """The iterator's position as a JSON string (what checkpoints store)."""
-  return json.dumps(_to_jsonable(it.get_state()))
-
-
-def restore_iterator_state(it: grain.DatasetIterator, state_json: str) -> grain.DatasetIterator:
-  """Moves a fresh iterator, built with the same arguments, to a saved position.
-
-  Returns the iterator for chaining.
-
-  Raises:
-    UserError: when the state is not JSON or is not a state of this kind of pipeline
-      (e.g. saved with num_workers > 0 and restored with 0, or the reverse).
-  """
-  try:
-    it.set_state(_from_jsonable(json.loads(state_json)))
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-    raise UserError(f'cannot restore the input pipeline from the saved iterator state '
-                    f'({type(e).__name__}: {e}); build the pipeline with the arguments of '
-                    'the saved run (num_workers in particular)') from None
-  return it
-
-
-# ----------------------------------------------------------------------------------------
-# Whole small sources as arrays (evaluation).
-
-
-def load_arrays(source: DataSource, image_size: int,
-                max_examples: int | None = None,
-                num_threads: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes a (small) source in order into arrays for feature extraction.
-
-  Examples whose `index` is not their own position (a folder's substitute for a corrupt
-  file) are dropped, so each readable example appears exactly once.
-
-  Args:
-    source: the source.
-    image_size: output height and width.
-    max_examples: read only this many: a seeded random subset (kept in source order),
-      since folders and many TFDS splits are sorted by class and their first N
-      examples would cover one or two classes.
-    num_threads: decoding threads (default: a few per CPU; PIL and numpy release the GIL).
-    seed: seed of the subset.
-
-  Returns:
-    images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
-  """
-  positions = np.arange(len(source))
-  if max_examples is not None and max_examples < len(source):
-    rng = np.random.default_rng(seed)
-    positions = np.sort(rng.choice(len(source), size=max(0, int(max_examples)), replace=False))
-  n = len(positions)
-  images = np.zeros((n, image_size, image_size, 3), np.uint8)
-  labels = np.zeros((n,), np.int32)
-  keep = np.ones((n,), bool)
-  prep = _Preprocess(image_size)
-  source = _sized(source, image_size)
-
-  def work(lo: int, hi: int) -> None:
-    for i in range(lo, hi):
-      ex = prep(source[int(positions[i])])
-      images[i], labels[i] = ex['image'], ex['label']
-      keep[i] = int(ex['index']) == positions[i]
-
-  chunk = 256
-  threads = num_threads or min(32, 4 * (os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    for f in [pool.submit(work, lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]:
-      f.result()  # Re-raises a worker's error here.
-  if not keep.all():
-    images, labels = images[keep], labels[keep]
-  return images, labels
