@@ -20,6 +20,7 @@ process ends with all features in list order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -77,6 +78,22 @@ def objective_features(encoder, objective) -> Callable:
   return fn
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(feature_fn: Callable, mesh):
+  """feature_fn jitted over the mesh, once per (function, mesh): a probe's train and test
+  splits (and several probes with one feature function) share one compile."""
+  from selfsup import sharding as sharding_lib
+  batch = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+
+  def embed(variables, images, index, label):
+    return feature_fn(variables, images).astype(jnp.float32), index, label
+
+  # Outputs replicated: every process gets the whole global batch's features.
+  return jax.jit(embed, in_shardings=(replicated,) + (batch,) * 3,
+                 out_shardings=(replicated,) * 3)
+
+
 def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
                     batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
                     num_workers: int = 0, devices=None,
@@ -118,12 +135,7 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
 
-  def embed(variables, images, index, label):
-    return feature_fn(variables, images).astype(jnp.float32), index, label
-
-  # Outputs replicated: every process gets the whole global batch's features.
-  embed = jax.jit(embed, in_shardings=(replicated,) + (batch_sharding,) * 3,
-                  out_shardings=(replicated,) * 3)
+  embed = _jitted(feature_fn, mesh)
   variables = jax.device_put(variables, replicated)
 
   def global_array(local):
