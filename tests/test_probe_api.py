@@ -1,7 +1,6 @@
 """The probe's API: feature protocols, refusals before work, and evals.compare."""
 
 import json
-import os
 
 import numpy as np
 import pytest
