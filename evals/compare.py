@@ -1,18 +1,25 @@
 """`python -m evals.compare`: pretrain several objectives the same way and probe each.
 
-Trains every objective (or `+`-joined combination) named in `--objectives` with the same
-encoder, data, optimizer and budget (the quickstart config with its per-objective
-settings, overridden by the flags), probes each frozen encoder with the L-BFGS linear
-probe, and probes one random-init encoder of the same architecture as the baseline.
-Prints a table and writes a JSON list, one row per run:
+Trains every objective (or `+`-joined combination) named in `--objectives` from one
+experiment config file (`--config`, default the quickstart; each name is passed to the
+file as its `:ARG`, so `--objectives rotation,simclr` runs `quickstart.py:rotation` and
+`quickstart.py:simclr`), with the encoder, data, optimizer and budget the flags override,
+probes each frozen encoder with the L-BFGS linear probe (features streamed), and probes
+one random-init encoder of the same architecture as the baseline. Prints a table and
+writes a JSON list, one row per run:
 
     python -m evals.compare --dataset folder:/data/cifar10 --encoder resnet18 \
         --width_multiplier 0.25 --cifar_stem --steps 300 \
         --objectives rotation,simclr,rotation+simclr --workdir runs/compare
 
+A config file without an argument (`--config experiments/simclr_cifar10.py`) is one
+run, named by its objectives. Every objective name, option and step count is checked,
+and the dataset opened, before anything trains.
+
 From a notebook: `compare(["rotation", "simclr"], dataset=..., workdir=...)`.
 """
 
+import importlib.util
 import json
 import os
 import time
@@ -20,57 +27,162 @@ import time
 from absl import flags
 
 from selfsup import cli
+from selfsup.errors import UserError
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "experiments", "quickstart.py")
 
 
-def run_config(spec: str, *, dataset: str, encoder: dict, steps: int, batch_size: int,
-               image_size: int, seed: int = 0, data_dir=None, dtype: str = "float32"):
-  from experiments.quickstart import get_config
-  c = get_config(spec)
-  c.seed = seed
-  c.data.source = dataset
-  c.data.image_size = image_size
-  c.data.data_dir = data_dir or ""
-  c.encoder = encoder
-  c.train.steps = steps
-  c.train.batch_size = batch_size
-  c.train.dtype = dtype
-  c.train.log_every = max(1, min(50, steps // 10))
-  c.train.checkpoint_every = steps
-  c.train.progress_bar = False
-  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, steps // 10)
-  c.probe.enabled = False
-  return c
+def _config_module(path: str):
+  if not os.path.isfile(path):
+    raise UserError(f"--config {path}: no such file (an experiment config, e.g. "
+                    "experiments/quickstart.py)")
+  spec = importlib.util.spec_from_file_location("_compare_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"--config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise UserError(f"--config {path} defines no get_config()")
+  return module
 
 
-def compare(specs, *, dataset: str, workdir: str, encoder: dict, steps: int = 300,
-            batch_size: int = 128, image_size: int = 32, max_train=10000, max_test=2000,
-            seed: int = 0, data_dir=None, dtype: str = "float32", log=print) -> list[dict]:
+def split_config_arg(config: str) -> tuple[str, str | None]:
+  """'FILE.py:ARG' -> ('FILE.py', 'ARG'); 'FILE.py' -> ('FILE.py', None)."""
+  path, sep, arg = config.partition(".py:")
+  return (path + ".py", arg) if sep else (config, None)
+
+
+def run_configs(config: str, specs=None, *, dataset=None, encoder=None, steps=None,
+                batch_size=None, image_size=None, seed=None, data_dir=None,
+                dtype=None) -> list:
+  """[(name, ConfigDict)]: one validated training config per spec, with the overrides.
+
+  `config` is a config file, optionally `FILE.py:ARG`. Each spec is passed to the file's
+  get_config as its argument; with no specs, the file (with its own ARG) is one run.
+  Arguments left None keep the config's value. Raises UserError for an unknown
+  objective, a bad option or value, or runs that do not share data and encoder.
+  """
+  import objectives as objectives_lib
+  from selfsup import config as config_lib
+  path, arg = split_config_arg(config)
+  module = _config_module(path)
+  if specs:
+    if arg is not None:
+      raise UserError(f"--config {config}: give the objectives either after the colon or "
+                      "with --objectives, not both")
+    for spec in specs:
+      for name in spec.split("+"):
+        if name not in objectives_lib.REGISTRY:
+          raise UserError(f"--objectives: unknown objective {name!r} in {spec!r}; valid "
+                          f"objectives: {', '.join(sorted(objectives_lib.REGISTRY))} "
+                          "(NAME+NAME for a combination)")
+  if steps is not None and steps < 1:
+    raise UserError(f"--steps must be >= 1, got {steps}")
+  if batch_size is not None and batch_size < 1:
+    raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+
+  out = []
+  for spec in (specs or [arg]):
+    c = module.get_config(spec) if spec is not None else module.get_config()
+    if specs and list(c.objectives.keys()) != spec.split("+"):
+      raise UserError(f"--config {path} does not take its objectives from its argument (it "
+                      f"gave {'+'.join(c.objectives.keys())} for {spec!r}); leave --objectives "
+                      "out to run it once, or use a config such as experiments/quickstart.py")
+    for key, value in (("seed", seed), ("data.source", dataset), ("data.image_size", image_size),
+                       ("data.data_dir", data_dir), ("train.steps", steps),
+                       ("train.batch_size", batch_size), ("train.dtype", dtype)):
+      if value is not None:
+        section, _, field = key.rpartition(".")
+        (c[section] if section else c)[field] = value
+    if encoder:  # a whole encoder (with "name"), or fields of the config's encoder
+      c.encoder = dict(encoder) if "name" in encoder else {**c.encoder.to_dict(), **encoder}
+    n = c.train.steps
+    c.train.log_every = max(1, min(50, n // 10))
+    c.train.checkpoint_every = n
+    c.train.progress_bar = False
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, n // 10)
+    c.probe.enabled = False
+    config_lib.validate(c)
+    out.append((spec or "+".join(c.objectives.keys()), c))
+  first = out[0][1]
+  for name, c in out[1:]:
+    for key in ("source", "image_size", "train_split", "test_split", "data_dir"):
+      if c.data[key] != first.data[key]:
+        raise UserError(f"run {name!r} has data.{key}={c.data[key]!r}, not "
+                        f"{first.data[key]!r} as {out[0][0]!r}: compared runs share their data")
+    if c.encoder.to_dict() != first.encoder.to_dict():
+      raise UserError(f"run {name!r} has another encoder than {out[0][0]!r}: compared runs "
+                      "share one architecture (and one random-init baseline)")
+  return out
+
+
+def _check_objectives(configs) -> None:
+  """Builds every objective and runs its start-up checks on the training source."""
+  import numpy as np
+
   from ml_collections import ConfigDict
 
   import encoders as encoders_lib
-  from evals.linear_probe import load_split, probe_live, probe_random_init
+  import objectives as objectives_lib
+  from selfsup import data as data_lib
+  first = configs[0][1]
+  encoders_lib.build_encoder(ConfigDict(first.encoder), "float32")
+  source = data_lib.make_source(first.data.source, first.data.train_split,
+                                image_size=first.data.image_size,
+                                data_dir=first.data.data_dir or None)
+  for _, c in configs:
+    for name, options in c.objectives.items():
+      options = dict(options)
+      options.pop("weight", None)
+      template = objectives_lib.build_objective(name, options, image_size=c.data.image_size,
+                                                dtype=np.float32, dataset_size=len(source))
+      template.validate(image_size=c.data.image_size, dataset=source)
+
+
+def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=None,
+            encoder=None, steps=None, batch_size=None, image_size=None, max_train=10000,
+            max_test=2000, seed=None, data_dir=None, dtype=None, features: str = "image",
+            log=print) -> list[dict]:
+  """Trains each spec from `config` and probes it; the first row is random-init.
+
+  Arguments left None keep the config file's values (the quickstart: synthetic:shapes,
+  tiny CNN, 300 steps at batch 128, 32 px).
+  """
+  from ml_collections import ConfigDict
+
+  import encoders as encoders_lib
+  from evals.linear_probe import ProbeData, probe_live, probe_random_init
   from selfsup.trainer import Trainer
 
-  train = load_split(dataset, "train", image_size, max_train, data_dir)
-  test = load_split(dataset, "test", image_size, max_test, data_dir)
+  # Everything that can fail does so before the first step.
+  configs = run_configs(config, specs, dataset=dataset, encoder=encoder, steps=steps,
+                        batch_size=batch_size, image_size=image_size, seed=seed,
+                        data_dir=data_dir, dtype=dtype)
+  first = configs[0][1]
+  data = ProbeData(first.data.source, first.data.image_size, first.data.train_split,
+                   first.data.test_split, max_train, max_test, first.data.data_dir or None)
+  data.check()
+  data.sources()
+  _check_objectives(configs)
+
   rows = []
   # The baseline first: a run cut short still has it.
-  result = probe_random_init(encoders_lib.build_encoder(ConfigDict(encoder)), image_size,
-                             train, test, seed=seed)
+  result = probe_random_init(encoders_lib.build_encoder(ConfigDict(first.encoder)), data,
+                             seed=first.seed)
   rows.append({"objectives": "random-init", "probe_top1": result["top1"],
                "probe_top5": result["top5"], "l2": result["l2"], "steps": 0})
   log(json.dumps(rows[-1]), flush=True)
-  for spec in specs:
-    config = run_config(spec, dataset=dataset, encoder=encoder, steps=steps,
-                        batch_size=batch_size, image_size=image_size, seed=seed,
-                        data_dir=data_dir, dtype=dtype)
+  for name, c in configs:
     t0 = time.perf_counter()
-    trainer = Trainer(config, os.path.join(workdir, spec.replace("+", "_")))
+    trainer = Trainer(c, os.path.join(workdir, name.replace("+", "_")))
     last = trainer.run()
     train_s = time.perf_counter() - t0
-    result = probe_live(trainer, train, test)
-    row = {"objectives": spec, "probe_top1": result["top1"], "probe_top5": result["top5"],
-           "l2": result["l2"], "steps": steps, "train_seconds": round(train_s, 1),
+    result = probe_live(trainer, data, features=features)
+    row = {"objectives": name, "probe_top1": result["top1"], "probe_top5": result["top5"],
+           "l2": result["l2"], "features": result["features"], "steps": c.train.steps,
+           "train_seconds": round(train_s, 1),
            "images_per_s": round(last.get("images_per_s", float("nan")), 1),
            "final_loss": last.get("loss")}
     row.update({k: v for k, v in last.items() if k.endswith("/loss")})
@@ -80,39 +192,73 @@ def compare(specs, *, dataset: str, workdir: str, encoder: dict, steps: int = 30
 
 
 def _define_flags():
-  """Flags exist only when run as a program, so importing this module defines none."""
-  flags.DEFINE_string("dataset", "synthetic:shapes", "SOURCE with train and test splits")
-  flags.DEFINE_string("objectives", "rotation,simclr", "comma-separated; NAME+NAME = combination")
+  """Flags exist only when run as a program, so importing this module defines none.
+
+  Flags left unset keep the config file's values.
+  """
+  flags.DEFINE_string("config", DEFAULT_CONFIG, "experiment config file; each --objectives "
+                      "entry is its :ARG (a file without an argument is one run)")
+  flags.DEFINE_string("dataset", None, "SOURCE with train and test splits (default: the "
+                      "config's data.source)")
+  flags.DEFINE_string("objectives", "rotation,simclr", "comma-separated; NAME+NAME = "
+                      "combination; each is the config's :ARG")
   flags.DEFINE_string("workdir", "runs/compare", "one sub-directory per run")
-  flags.DEFINE_string("encoder", "tiny_cnn", "encoder name")
-  flags.DEFINE_float("width_multiplier", 1.0, "encoder width multiplier")
-  flags.DEFINE_bool("cifar_stem", False, "ResNet CIFAR stem")
-  flags.DEFINE_integer("steps", 300, "pretraining steps per objective")
-  flags.DEFINE_integer("batch_size", 128, "global batch")
-  flags.DEFINE_integer("image_size", 32, "image size")
+  flags.DEFINE_string("encoder", None, "encoder name (default: the config's)")
+  flags.DEFINE_float("width_multiplier", None, "encoder width multiplier")
+  flags.DEFINE_bool("cifar_stem", None, "ResNet CIFAR stem")
+  flags.DEFINE_integer("steps", None, "pretraining steps per objective")
+  flags.DEFINE_integer("batch_size", None, "global batch")
+  flags.DEFINE_integer("image_size", None, "image size")
   flags.DEFINE_integer("max_train", 10000, "probe training examples")
   flags.DEFINE_integer("max_test", 2000, "probe test examples")
-  flags.DEFINE_integer("seed", 0, "seed")
+  flags.DEFINE_integer("seed", None, "seed")
   flags.DEFINE_string("output", None, "write the rows here (JSON; rows also stream to FILEl)")
-  flags.DEFINE_string("dtype", "float32", "compute dtype: float32 | bfloat16")
+  flags.DEFINE_string("dtype", None, "compute dtype: float32 | bfloat16")
+  flags.DEFINE_enum("features", "image", ("image", "objective"),
+                    "probe features: whole images, or each objective's own protocol")
+
+
+def _encoder_override(f):
+  """The encoder fields the flags set: a whole encoder when --encoder is given (the CIFAR
+  stem off unless asked for), else fields merged into the config's encoder; None if none."""
+  encoder = {}
+  if f.encoder is not None:
+    encoder["name"] = f.encoder
+    if f.encoder.startswith("resnet"):
+      encoder["cifar_stem"] = False
+  if f.width_multiplier is not None:
+    encoder["width_multiplier"] = f.width_multiplier
+  if f.cifar_stem is not None:
+    if f.encoder is not None and not f.encoder.startswith("resnet"):
+      raise UserError(f"--cifar_stem is for ResNets, not {f.encoder!r}")
+    encoder["cifar_stem"] = f.cifar_stem
+  return encoder or None
 
 
 def main(argv):
   del argv
+  from evals.linear_probe import check_max_examples, check_writable
   f = flags.FLAGS
-  encoder = {"name": f.encoder, "width_multiplier": f.width_multiplier}
-  if f.encoder.startswith("resnet"):
-    encoder["cifar_stem"] = f.cifar_stem
+  check_max_examples("--max_train", f.max_train)
+  check_max_examples("--max_test", f.max_test)
+  check_writable(f.output, "--output")
+  check_writable(f.output + "l" if f.output else None, "--output")
+  specs = None
+  if f["objectives"].present or os.path.abspath(f.config) == DEFAULT_CONFIG:
+    specs = [s.strip() for s in f.objectives.split(",") if s.strip()]
+    if not specs:
+      raise UserError("--objectives is empty; name at least one objective (e.g. rotation,simclr)")
+
   def log(line, flush=True):
     print(line, flush=flush)
     if f.output:  # one row at a time, so a run cut short keeps what it finished
       with open(f.output + "l", "a") as fh:
         fh.write(line + "\n")
 
-  rows = compare([s for s in f.objectives.split(",") if s], dataset=f.dataset,
-                 workdir=f.workdir, encoder=encoder, steps=f.steps, batch_size=f.batch_size,
-                 image_size=f.image_size, max_train=f.max_train, max_test=f.max_test,
-                 seed=f.seed, dtype=f.dtype, log=log)
+  rows = compare(specs, config=f.config, dataset=f.dataset, workdir=f.workdir,
+                 encoder=_encoder_override(f), steps=f.steps,
+                 batch_size=f.batch_size, image_size=f.image_size, max_train=f.max_train,
+                 max_test=f.max_test, seed=f.seed, dtype=f.dtype, features=f.features, log=log)
   print(f"{'objectives':32s} {'probe top-1':>11s} {'train s':>8s}")
   for r in rows:
     print(f"{r['objectives']:32s} {r['probe_top1']:11.2f} {r.get('train_seconds', 0):8.1f}")

@@ -1,5 +1,6 @@
 """`python -m evals.linear_probe --checkpoint DIR --dataset SOURCE [--output FILE.json]
-[--random_init] [--save_features FILE.npz]`
+[--random_init] [--save_features FILE.npz] [--features image|objective] [--max_train N]
+[--feature_cache DIR]`
 
 L-BFGS multinomial logistic regression on frozen features (EVALUATION.md): features
 standardised with training statistics, the L2 strength swept on a validation part of
@@ -7,28 +8,38 @@ the training split and refined, refit on all training data, scored on the test s
 Prints (and optionally writes) one JSON object with top1, top5, num_train, num_test,
 feature_dim and l2.
 
+Features are streamed (`evals.stream`): images are decoded batch by batch by the grain
+pipeline and embedded by the encoder jitted over all devices; only features stay on the
+host. `--features objective` reads them the way the run's objective declares
+(`Objective.eval_features`, e.g. context prediction's grid of patches); the default,
+whole images, is the same protocol for every objective.
+
 From a notebook:
     from evals.linear_probe import probe_checkpoint
     result = probe_checkpoint("runs/simclr", "folder:/data/cifar10")
 """
 
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 from absl import flags
 
 from evals import features as features_lib
+from evals import stream
 from evals.logreg import linear_probe
 from selfsup import cli
 from selfsup import data as data_lib
+from selfsup.errors import UserError
 
-
+FEATURE_MODES = ("image", "objective")
 def probe_arrays(encoder, variables, train, test, *, batch_size=256, save_features=None,
                  seed=0) -> dict:
-  """Probe on ((images, labels), (images, labels)) uint8 arrays."""
+  """Probe on ((images, labels), (images, labels)) uint8 arrays already in memory."""
   t0 = time.perf_counter()
   train_x = features_lib.extract_features(encoder, variables, train[0], batch_size)
   test_x = features_lib.extract_features(encoder, variables, test[0], batch_size)
@@ -36,62 +47,229 @@ def probe_arrays(encoder, variables, train, test, *, batch_size=256, save_featur
   if save_features:
     np.savez_compressed(save_features, train_x=train_x, train_y=train[1], test_x=test_x,
                         test_y=test[1])
-  num_classes = int(max(train[1].max(), test[1].max())) + 1
-  result = linear_probe(train_x, train[1], test_x, test[1], num_classes=num_classes, seed=seed)
+  result = probe_features(train_x, train[1], test_x, test[1], seed=seed)
   result["feature_seconds"] = t1 - t0
-  result["probe_seconds"] = time.perf_counter() - t1
+  return result
+
+
+def probe_features(train_x, train_y, test_x, test_y, *, seed=0) -> dict:
+  """The L-BFGS probe on features already extracted."""
+  for what, x in (("training", train_x), ("test", test_x)):
+    if not np.isfinite(x).all():
+      raise UserError(f"the {what} features are not finite (NaN or inf): the encoder "
+                      "diverged; probe an earlier checkpoint")
+  t0 = time.perf_counter()
+  num_classes = int(max(train_y.max(), test_y.max())) + 1
+  result = linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes, seed=seed)
+  result["probe_seconds"] = time.perf_counter() - t0
   return result
 
 
 def load_split(dataset: str, split: str, image_size: int, max_examples, data_dir=None):
+  """A split as uint8 arrays in memory (small data only; the probe streams instead)."""
   source = data_lib.make_source(dataset, split, image_size=image_size, data_dir=data_dir)
   return data_lib.load_arrays(source, image_size, max_examples=max_examples)
 
 
+def check_max_examples(flag: str, value) -> None:
+  if value is not None and value < 1:
+    raise UserError(f"{flag} must be a positive number of examples, got {value} (omit it to "
+                    "use the whole split)")
+
+
+def check_writable(path: str | None, flag: str) -> None:
+  """Before any work: `path` can be written (its directory is created if missing)."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise UserError(f"{flag} {path} is a directory; give a file name")
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check"):
+      pass
+  except OSError as e:
+    raise UserError(f"{flag} {path}: cannot write into {folder} ({e.strerror or e}); "
+                    "choose a writable location") from None
+
+
+@dataclasses.dataclass
+class ProbeData:
+  """Which examples a probe reads, and how (the evaluation preprocessing)."""
+  dataset: str
+  image_size: int
+  train_split: str = "train"
+  test_split: str = "test"
+  max_train: int | None = None
+  max_test: int | None = None
+  data_dir: str | None = None
+  subset_seed: int = 0          # the seeded random subset of --max_train / --max_test
+  batch_size: int = 256         # global extraction batch (rounded to the device count)
+  num_workers: int = 0          # grain decoding processes
+
+  def check(self) -> None:
+    check_max_examples("max_train", self.max_train)
+    check_max_examples("max_test", self.max_test)
+    if self.batch_size < 1:
+      raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+
+  def sources(self):
+    """The (train, test) sources; fails before any extraction if either is missing."""
+    return tuple(data_lib.make_source(self.dataset, split, image_size=self.image_size,
+                                      data_dir=self.data_dir)
+                 for split in (self.train_split, self.test_split))
+
+
+def feature_function(encoder, mode: str = "image", config=None):
+  """(jittable (variables, uint8 images) -> features, what it reads: "image" or
+  "objective:NAME").
+
+  mode "objective" uses the protocol an objective of the run's `config` declares
+  (`Objective.eval_features`); with none declared it falls back to whole images.
+  """
+  if mode not in FEATURE_MODES:
+    raise UserError(f"--features must be one of {', '.join(FEATURE_MODES)}, not {mode!r}")
+  if mode == "image":
+    return stream.image_features(encoder), "image"
+  import objectives as objectives_lib
+  from objectives.base import Objective
+  declared = []
+  for name, options in config.objectives.items():
+    options = dict(options)
+    options.pop("weight", None)
+    template = objectives_lib.build_objective(name, options, image_size=config.data.image_size,
+                                              dtype=np.float32)
+    if type(template).eval_features is not Objective.eval_features:
+      declared.append((name, template))
+  if not declared:
+    print(f"note: --features objective: {'+'.join(config.objectives.keys())} declares no "
+          "feature protocol of its own; probing whole images", file=sys.stderr)
+    return stream.image_features(encoder), "image"
+  if len(declared) > 1:
+    raise UserError(f"--features objective: several objectives of this run declare their own "
+                    f"feature protocol ({', '.join(n for n, _ in declared)}); use --features "
+                    "image")
+  name, template = declared[0]
+  return stream.objective_features(encoder, template), f"objective:{name}"
+
+
+def probe_encoder(encoder, variables, data: ProbeData, *, feature_fn=None, features="image",
+                  save_features=None, seed=0, nonfinite_hint="", cache_dir=None,
+                  cache_key=None) -> dict:
+  """Streams train and test features of `data` through the encoder and probes them.
+
+  Args:
+    encoder, variables: the frozen encoder.
+    data: which examples.
+    feature_fn: (variables, uint8 images) -> features (default: whole images).
+    features: what feature_fn reads, recorded in the result.
+    save_features: write train/test features (float32) and labels here (.npz).
+    seed: the probe's seed (validation split).
+    nonfinite_hint: appended to the error raised for NaN / inf features.
+    cache_dir, cache_key: keep features in cache_dir as float16, keyed by cache_key plus
+      the data; a later call with the same key reads them instead of the images.
+  """
+  data.check()
+  train_source, test_source = data.sources()
+  feature_fn = feature_fn or stream.image_features(encoder)
+  t0 = time.perf_counter()
+  splits = {}
+  for part, source, split, limit in (("train", train_source, data.train_split, data.max_train),
+                                     ("test", test_source, data.test_split, data.max_test)):
+    key = None
+    if cache_dir:
+      key = dict(cache_key or {}, dataset=data.dataset, split=split, max_examples=limit,
+                 subset_seed=data.subset_seed, image_size=data.image_size, features=features,
+                 data_dir=data.data_dir)
+      cached = stream.load_cached(stream.cache_path(cache_dir, **key))
+      if cached is not None:
+        splits[part] = cached
+        continue
+    message = (f"the encoder's features on {data.dataset} {split} are not finite (NaN or "
+               f"inf){nonfinite_hint}")
+    x, y = stream.stream_features(
+        feature_fn, variables, source, image_size=data.image_size, batch_size=data.batch_size,
+        max_examples=limit, seed=data.subset_seed, num_workers=data.num_workers,
+        nonfinite_message=message)
+    if key is not None:
+      x = stream.save_cached(stream.cache_path(cache_dir, **key), x, y, key)
+    splits[part] = (x, y)
+  t1 = time.perf_counter()
+  (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+  result = probe_features(train_x, train_y, test_x, test_y, seed=seed)
+  result["feature_seconds"] = t1 - t0
+  result["features"] = features
+  if save_features:
+    try:
+      np.savez_compressed(save_features, train_x=train_x, train_y=train_y, test_x=test_x,
+                          test_y=test_y)
+    except OSError as e:  # keep the result: the caller prints it, then reports this
+      result["save_features_error"] = f"cannot write {save_features}: {e.strerror or e}"
+  return result
+
+
 def probe_checkpoint(checkpoint: str, dataset: str, *, train_split="train", test_split="test",
                      max_train=None, max_test=None, random_init=False, save_features=None,
-                     step=None, data_dir=None, seed=0) -> dict:
-  """Loads the encoder of a run directory and probes it on `dataset`."""
+                     step=None, data_dir=None, seed=0, features="image", batch_size=256,
+                     num_workers=0, feature_cache=None) -> dict:
+  """Loads the encoder of a run directory and probes it on `dataset` (streamed)."""
+  data = ProbeData(dataset, 0, train_split, test_split, max_train, max_test, data_dir,
+                   batch_size=batch_size, num_workers=num_workers)
+  data.check()
   config, encoder, variables, step = features_lib.load_encoder(checkpoint, step)
+  data.image_size = size = config.data.image_size
   if random_init:
-    variables = features_lib.random_init_variables(encoder, config.data.image_size, seed=seed)
-  size = config.data.image_size
-  train = load_split(dataset, train_split, size, max_train, data_dir)
-  test = load_split(dataset, test_split, size, max_test, data_dir)
-  result = probe_arrays(encoder, variables, train, test, save_features=save_features, seed=seed)
+    variables = features_lib.random_init_variables(encoder, size, seed=seed)
+    hint = "; the random-init encoder itself produces them"
+  else:
+    hint = (f": the checkpoint at step {int(step)} of {checkpoint} holds a diverged "
+            "encoder (see its metrics.jsonl for where the loss stopped being finite); "
+            "probe an earlier --step or retrain with a lower learning rate")
+  fn, what = feature_function(encoder, features, config)
+  cache_key = dict(checkpoint=os.path.abspath(checkpoint),
+                   step=None if random_init else int(step), random_init=bool(random_init),
+                   init_seed=seed if random_init else None,
+                   encoder=json.loads(config.encoder.to_json()))
+  result = probe_encoder(encoder, variables, data, feature_fn=fn, features=what,
+                         save_features=save_features, seed=seed, nonfinite_hint=hint,
+                         cache_dir=feature_cache, cache_key=cache_key)
   result.update(checkpoint=os.path.abspath(checkpoint), step=None if random_init else int(step),
                 random_init=bool(random_init), dataset=dataset, encoder=config.encoder.name,
                 objectives=list(config.objectives.keys()))
   return result
 
 
-def probe_live(trainer, train, test) -> dict:
-  """Probe of a live Trainer's encoder (float32 features) on loaded arrays."""
+def probe_live(trainer, data: ProbeData, features="image") -> dict:
+  """Probe of a live Trainer's encoder (float32 features)."""
   import jax
   state = jax.device_get(trainer.state)
-  return probe_arrays(trainer.model.encoder.clone(dtype=np.float32),
-                      features_lib.encoder_variables(state), train, test)
+  encoder = trainer.model.encoder.clone(dtype=np.float32)
+  fn, what = feature_function(encoder, features, trainer.config)
+  return probe_encoder(encoder, features_lib.encoder_variables(state), data, feature_fn=fn,
+                       features=what, nonfinite_hint=": the training diverged")
 
 
-def probe_random_init(encoder, image_size: int, train, test, seed: int = 0) -> dict:
+def probe_random_init(encoder, data: ProbeData, seed: int = 0) -> dict:
   """The baseline: the same encoder architecture, freshly initialised."""
   encoder = encoder.clone(dtype=np.float32)
-  fresh = features_lib.random_init_variables(encoder, image_size, seed=seed)
-  return probe_arrays(encoder, fresh, train, test)
+  fresh = features_lib.random_init_variables(encoder, data.image_size, seed=seed)
+  return probe_encoder(encoder, fresh, data)
+
+
+def trainer_probe_data(config) -> ProbeData:
+  """The end-of-run probe's examples for a training config (`config.probe`)."""
+  c = config
+  return ProbeData(c.data.source, c.data.image_size, c.data.train_split, c.data.test_split,
+                   c.probe.train_examples, c.probe.test_examples, c.data.data_dir or None)
 
 
 def probe_trainer(trainer, *, random_init_too: bool = True) -> dict:
   """End-of-run probe from a live Trainer (the quickstart): trained vs random-init."""
-  c = trainer.config
-  size = c.data.image_size
-  train = load_split(c.data.source, c.data.train_split, size, c.probe.train_examples,
-                     c.data.data_dir or None)
-  test = load_split(c.data.source, c.data.test_split, size, c.probe.test_examples,
-                    c.data.data_dir or None)
-  trained = probe_live(trainer, train, test)
+  data = trainer_probe_data(trainer.config)
+  trained = probe_live(trainer, data)
   out = {"probe_top1": trained["top1"], "probe_l2": trained["l2"]}
   if random_init_too:
-    baseline = probe_random_init(trainer.model.encoder, size, train, test, seed=c.seed)
+    baseline = probe_random_init(trainer.model.encoder, data, seed=trainer.config.seed)
     out["random_init_probe_top1"] = baseline["top1"]
   return out
 
@@ -109,24 +287,50 @@ def _define_flags():
   flags.DEFINE_integer("max_test", None, "use at most this many test examples")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir")
+  flags.DEFINE_enum("features", "image", FEATURE_MODES,
+                    "image: whole images for every objective (comparable); objective: the "
+                    "run's objective's own protocol where it declares one (context: 3x3 "
+                    "patch grid, features averaged)")
+  flags.DEFINE_integer("batch_size", 256, "feature extraction batch over all devices")
+  flags.DEFINE_integer("num_workers", 0, "grain decoding processes (0: threads)")
+  flags.DEFINE_string("feature_cache", None, "keep features here as float16 (one file per "
+                      "checkpoint step, dataset, split, subset and protocol) and reuse them")
 
 
 def main(argv):
   del argv
-  from selfsup.errors import UserError
   f = flags.FLAGS
   if not f.checkpoint or not f.dataset:
     raise UserError("usage: python -m evals.linear_probe --checkpoint DIR --dataset SOURCE "
                     "[--output FILE.json] [--random_init] [--save_features FILE.npz]")
+  # Everything that can fail cheaply fails before the extraction.
+  check_max_examples("--max_train", f.max_train)
+  check_max_examples("--max_test", f.max_test)
+  if f.batch_size < 1 or f.num_workers < 0:
+    raise UserError(f"--batch_size must be >= 1 and --num_workers >= 0; got {f.batch_size} "
+                    f"and {f.num_workers}")
+  check_writable(f.output, "--output")
+  check_writable(f.save_features, "--save_features")
+  if f.feature_cache:
+    check_writable(os.path.join(f.feature_cache, "probe.npz"), "--feature_cache")
   result = probe_checkpoint(f.checkpoint, f.dataset, train_split=f.train_split,
                             test_split=f.test_split, max_train=f.max_train, max_test=f.max_test,
                             random_init=f.random_init, save_features=f.save_features,
-                            step=f.step, data_dir=f.data_dir)
+                            step=f.step, data_dir=f.data_dir, features=f.features,
+                            batch_size=f.batch_size, num_workers=f.num_workers,
+                            feature_cache=f.feature_cache)
   text = json.dumps(result)
+  print(text, flush=True)  # first: whatever happens to the files, the result is shown
   if f.output:
-    with open(f.output, "w") as fh:
-      fh.write(text + "\n")
-  print(text)
+    try:
+      with open(f.output, "w") as fh:
+        fh.write(text + "\n")
+    except OSError as e:
+      raise UserError(f"cannot write --output {f.output} ({e.strerror or e}); the result is "
+                      "printed above") from None
+  if "save_features_error" in result:
+    raise UserError(f"--save_features: {result['save_features_error']}; the result is "
+                    "printed above")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ Three optional hooks cover what cannot be a gradient step:
   to do, or a new state that the trainer puts back on the devices.
 - `optimizer_groups()`: extra parameter groups with their own optimizer, e.g. a GAN
   discriminator, as {label: (path predicate, optax transform builder)}.
+Evaluation may read an objective's features its own way: `eval_features(encoder_fn,
+images)` (default None: whole images), e.g. context prediction's grid of patches.
 The trainer never names a specific objective; objectives never mention devices.
 """
 
@@ -70,6 +72,23 @@ class Objective(nn.Module):
   def validate(self, *, image_size: int, dataset) -> None:
     """Raises UserError when the objective cannot run on this data (called at start-up)."""
     del image_size, dataset
+
+  def eval_features(self, encoder_fn, images):
+    """How this objective's paper reads its encoder's features for evaluation.
+
+    Args:
+      encoder_fn: float images (N, h, w, 3) as this objective feeds the encoder ->
+        pooled features (N, D) (frozen: BatchNorm in inference mode).
+      images: uint8 (B, H, W, 3) evaluation images (resize + centre crop).
+
+    Returns:
+      (B, D) features, or None (the default): no protocol of its own, the probe feeds
+      whole normalised images. Used by `python -m evals.linear_probe --features
+      objective`; the default `--features image` ignores it so objectives compare on
+      one protocol. Pure and jittable; called on the unbound template.
+    """
+    del encoder_fn, images
+    return None
 
 
 @dataclasses.dataclass

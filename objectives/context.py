@@ -312,3 +312,19 @@ class ContextPrediction(Objective):
     # No probe features: patches are not whole images; the model probes the full image.
     return ObjectiveOutput(loss=cross_entropy(logits, labels),
                            metrics={"acc": accuracy(logits, labels)})
+
+  def eval_features(self, encoder_fn, images):
+    """The paper's evaluation input: the 3x3 grid of patches, centred in their cells (no
+    jitter, no colour dropping), standardised and resized as in training; the 9 pooled
+    features are averaged (Doersch et al. 2015 read features from patches, never from
+    whole images, which this encoder has not seen)."""
+    b = images.shape[0]
+    patches, _ = relative_patch_views(None, augment.to_float(images),
+                                      patch_size=self.patch_size, jitter=self.jitter)
+    patches = standardize_patches(patches)
+    q = self.patch_input_size
+    if q and q != patches.shape[1]:
+      patches = jax.image.resize(patches, (patches.shape[0], q, q, patches.shape[3]),
+                                 "linear")
+    features = encoder_fn(patches)
+    return jnp.mean(features.reshape((GRID * GRID, b) + features.shape[1:]), axis=0)

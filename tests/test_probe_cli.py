@@ -11,7 +11,8 @@ from selfsup.trainer import Trainer
 def test_probe_cli_on_a_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   Trainer(tiny_config("rotation", steps=2), workdir).run()
-  out, feats = tmp_path / "probe.json", tmp_path / "feats.npz"
+  # Into directories that do not exist yet: created before the work, not after it.
+  out, feats = tmp_path / "new" / "probe.json", tmp_path / "also" / "new" / "feats.npz"
   common = ["-m", "evals.linear_probe", "--checkpoint", workdir, "--dataset",
             "synthetic:shapes", "--max_train", "200", "--max_test", "100"]
   proc = run_cli(common + ["--output", str(out), "--save_features", str(feats)])
@@ -30,3 +31,10 @@ def test_probe_cli_on_a_checkpoint(tmp_path):
   baseline = json.loads(proc.stdout.strip().splitlines()[-1])
   assert baseline["random_init"] and baseline["step"] is None
   assert baseline["feature_dim"] == result["feature_dim"]
+
+
+def test_probe_cli_refuses_bad_max_train_before_any_work(tmp_path):
+  from test_errors import _assert_one_line_error
+  proc = run_cli(["-m", "evals.linear_probe", "--checkpoint", str(tmp_path / "none"),
+                  "--dataset", "synthetic:shapes", "--max_train", "0"])
+  _assert_one_line_error(proc, "--max_train", "positive", "0")

@@ -1,0 +1,144 @@
+"""The probe's API: feature protocols, refusals before work, and evals.compare."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, tiny_config
+
+
+def _random_encoder(config):
+  import encoders
+  from evals import features as features_lib
+  encoder = encoders.build_encoder(config.encoder, "float32")
+  return encoder, features_lib.random_init_variables(encoder, config.data.image_size)
+
+
+def test_context_eval_features_average_the_centred_patch_grid():
+  import jax.numpy as jnp
+  import objectives
+  from objectives import context
+  images = np.random.default_rng(0).integers(0, 255, (2, 30, 30, 3)).astype(np.uint8)
+  template = objectives.build_objective("context", {}, image_size=30, dtype=jnp.float32)
+  seen = []
+
+  def encoder_fn(x):
+    seen.append(x.shape)
+    return jnp.mean(x, axis=(1, 2))
+
+  got = template.eval_features(encoder_fn, jnp.asarray(images))
+  cell, patch, lo, hi = context.patch_grid(30)
+  assert seen == [(18, patch, patch, 3)] and got.shape == (2, 3)
+  off = (lo + hi) // 2  # no jitter: every patch centred in its cell
+  x = images.astype(np.float32) / 255.0
+  for b in range(2):
+    feats = []
+    for p in range(9):
+      r, c = divmod(p, 3)
+      crop = x[b, r * cell + off:r * cell + off + patch, c * cell + off:c * cell + off + patch]
+      crop = (crop - crop.mean()) / max(crop.std(), 1 / np.sqrt(crop.size))
+      feats.append(crop.mean((0, 1)))
+    np.testing.assert_allclose(got[b], np.mean(feats, 0), atol=1e-5)
+  # The base class declares no protocol of its own.
+  rotation = objectives.build_objective("rotation", {}, image_size=30, dtype=jnp.float32)
+  assert rotation.eval_features(encoder_fn, images) is None
+
+
+def test_probe_features_image_or_objective(tmp_path):
+  from evals.linear_probe import ProbeData, feature_function, probe_encoder
+  config = tiny_config("rotation+context")
+  encoder, variables = _random_encoder(config)
+  data = ProbeData("synthetic:shapes", 16, max_train=48, max_test=24, batch_size=16)
+  fn, what = feature_function(encoder, "objective", config)
+  assert what == "objective:context"
+  by_patches = probe_encoder(encoder, variables, data, feature_fn=fn, features=what,
+                             save_features=str(tmp_path / "f.npz"))
+  assert by_patches["features"] == "objective:context" and by_patches["num_train"] == 48
+  by_image = probe_encoder(encoder, variables, data, save_features=str(tmp_path / "i.npz"))
+  assert by_image["features"] == "image"
+  # The grid-of-patches features differ from whole-image features.
+  patches, whole = np.load(tmp_path / "f.npz")["train_x"], np.load(tmp_path / "i.npz")["train_x"]
+  assert patches.shape == whole.shape and not np.allclose(patches, whole)
+  _, only_image = feature_function(encoder, "objective", tiny_config("rotation"))
+  assert only_image == "image"
+
+
+def test_probe_refuses_nonfinite_features_and_says_diverged():
+  import jax
+  from evals.linear_probe import ProbeData, probe_encoder
+  from selfsup.errors import UserError
+  config = tiny_config("rotation")
+  encoder, variables = _random_encoder(config)
+  nan = jax.tree_util.tree_map(lambda v: v * np.nan, variables)
+  data = ProbeData("synthetic:shapes", 16, max_train=16, max_test=16, batch_size=16)
+  with pytest.raises(UserError, match="not finite.*diverged") as e:
+    probe_encoder(encoder, nan, data, nonfinite_hint=": the checkpoint diverged")
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_max_examples_must_be_positive(value):
+  from evals.linear_probe import ProbeData
+  from selfsup.errors import UserError
+  with pytest.raises(UserError, match="positive"):
+    ProbeData("synthetic:shapes", 16, max_train=value).check()
+
+
+def test_check_writable_creates_the_directory(tmp_path):
+  from evals.linear_probe import check_writable
+  from selfsup.errors import UserError
+  check_writable(str(tmp_path / "a" / "b" / "out.json"), "--output")
+  assert (tmp_path / "a" / "b").is_dir()
+  with pytest.raises(UserError, match="is a directory"):
+    check_writable(str(tmp_path / "a"), "--output")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match="cannot write"):
+    check_writable(str(tmp_path / "file" / "out.json"), "--output")
+
+
+def test_compare_validates_names_steps_and_config_before_training(tmp_path):
+  from evals.compare import compare, run_configs
+  from selfsup.errors import UserError
+  kw = dict(workdir=str(tmp_path / "w"), dataset="synthetic:shapes")
+  with pytest.raises(UserError, match="jigsaw.*context"):
+    compare(["rotation", "rotation+jigsaw"], **kw)
+  with pytest.raises(UserError, match="steps"):
+    compare(["rotation"], steps=0, **kw)
+  with pytest.raises(UserError, match="no such file"):
+    compare(["rotation"], config=str(tmp_path / "nope.py"), **kw)
+  with pytest.raises(UserError, match="patch_size"):  # an objective's own start-up check
+    bad = tmp_path / "bad_context.py"
+    bad.write_text("from experiments.quickstart import get_config as g\n"
+                   "def get_config(arg):\n  c = g(arg)\n"
+                   "  c.objectives.context.patch_size = 20\n  return c\n")
+    compare(["context"], config=str(bad), **kw)
+  assert not (tmp_path / "w").exists()  # nothing trained
+  # The config file's settings, overridden only where asked.
+  (name, c), = run_configs("experiments/quickstart.py", ["simclr"], steps=7)
+  assert (name, c.train.steps, c.train.batch_size, c.encoder.name) == ("simclr", 7, 128, "tiny_cnn")
+  assert c.objectives.simclr.temperature == 0.2  # the quickstart's per-objective setting
+  (name, c), = run_configs("experiments/simclr_cifar10.py", None, dataset="synthetic:shapes")
+  assert name == "simclr" and c.encoder.cifar_stem and c.data.source == "synthetic:shapes"
+  with pytest.raises(UserError, match="does not take its objectives"):
+    run_configs("experiments/simclr_cifar10.py", ["rotation"])
+
+
+def test_compare_trains_and_probes_from_a_config(tmp_path):
+  from evals.compare import compare
+  rows = compare(["rotation"], workdir=str(tmp_path), dataset="synthetic:shapes", steps=2,
+                 batch_size=16, image_size=16, encoder={"width_multiplier": 0.5},
+                 max_train=64, max_test=32, log=lambda *a, **k: None)
+  assert [r["objectives"] for r in rows] == ["random-init", "rotation"]
+  assert rows[1]["steps"] == 2 and rows[1]["features"] == "image"
+  saved = json.loads((tmp_path / "rotation" / "config.json").read_text())
+  assert saved["encoder"] == {"name": "tiny_cnn", "width_multiplier": 0.5}
+
+
+def test_compare_cli_fails_early_with_one_line(tmp_path):
+  from test_errors import _assert_one_line_error
+  out = tmp_path / "missing" / "rows.json"
+  proc = run_cli(["-m", "evals.compare", "--objectives", "rotation,jigsaw", "--workdir",
+                  str(tmp_path / "w"), "--output", str(out)])
+  _assert_one_line_error(proc, "jigsaw", "rotation")
+  assert not (tmp_path / "w").exists()
