@@ -37,7 +37,7 @@ def extract_features(encoder, variables, images: np.ndarray, batch_size: int = 2
   """
   @functools.partial(jax.jit)
   def embed(variables, x):
-    x = augment.normalize(augment.to_float(x))
+    x = augment.eval_view(x)
     return encoder.apply(variables, x, train=False).pooled
 
   n = images.shape[0]

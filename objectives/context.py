@@ -290,10 +290,10 @@ class ContextPrediction(Objective):
       cfg = augment.default_view_config(
           crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob, jitter_prob=0.0,
           grayscale_prob=0.0, normalize=False)
-      images, _ = augment.view_augment(k_view, batch["image"], cfg, self.image_size)
+      images, _ = augment.view_augment(k_view, batch, cfg, self.image_size)
     else:
       k_patch = None
-      images = augment.to_float(batch["image"])
+      images = augment.eval_view(batch, self.image_size, normalize=False)
     patches, _ = relative_patch_views(k_patch, images, patch_size=self.patch_size,
                                       jitter=self.jitter)
     if train:

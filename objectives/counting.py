@@ -220,11 +220,10 @@ class Counting(Objective):
       cfg = augment.default_view_config(
           crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob, jitter_prob=0.0,
           grayscale_prob=self.grayscale_prob)
-      images, _ = augment.view_augment(k_view, batch["image"], cfg, side)
+      images, _ = augment.view_augment(k_view, batch, cfg, side)
     else:
       k_method = None
-      images = augment.normalize(augment.to_float(batch["image"]))
-      images = jax.image.resize(images, images.shape[:1] + (side, side, 3), "linear")
+      images = augment.eval_view(batch, side)
     down, tiles, _ = counting_views(k_method, images, methods=tuple(self.resize_methods))
     b = down.shape[0]
     out = encoder(jnp.concatenate([down, tiles]), train=train)

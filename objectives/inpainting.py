@@ -358,9 +358,9 @@ class Inpainting(Objective):
           crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob, jitter_prob=0.0,
           grayscale_prob=0.0)
       key_view, key_mask = jax.random.split(self.make_rng("augment"))
-      images, _ = augment.view_augment(key_view, batch["image"], cfg, size)
+      images, _ = augment.view_augment(key_view, batch, cfg, size)
     else:
-      images = augment.normalize(augment.to_float(batch["image"]))
+      images = augment.eval_view(batch, size)
       key_mask = (self.make_rng("augment") if self.has_rng("augment")
                   else jax.random.PRNGKey(0))
     b = images.shape[0]

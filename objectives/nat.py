@@ -147,10 +147,10 @@ class NoiseAsTargets(Objective):
           crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob,
           jitter_strength=self.jitter_strength, jitter_prob=self.jitter_prob,
           grayscale_prob=self.grayscale_prob)
-      images, _ = augment.view_augment(self.make_rng("augment"), batch["image"], cfg,
+      images, _ = augment.view_augment(self.make_rng("augment"), batch, cfg,
                                        self.image_size)
     else:
-      images = augment.normalize(augment.to_float(batch["image"]))
+      images = augment.eval_view(batch, self.image_size)
     out = encoder(images, train=train)
 
     # Head: optional projection, then onto the unit sphere.

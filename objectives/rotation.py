@@ -46,10 +46,10 @@ class Rotation(Objective):
         crop_scale=tuple(self.crop_scale), flip_prob=self.flip_prob, jitter_prob=0.0,
         grayscale_prob=0.0)
     if train:
-      images, _ = augment.view_augment(self.make_rng("augment"), batch["image"], cfg,
+      images, _ = augment.view_augment(self.make_rng("augment"), batch, cfg,
                                        self.image_size)
     else:
-      images = augment.normalize(augment.to_float(batch["image"]))
+      images = augment.eval_view(batch, self.image_size)
     views, labels = rotation_views(images)
     out = encoder(views, train=train)
     logits = MLP(tuple(self.head_hidden), 4, dtype=self.dtype, name="head")(

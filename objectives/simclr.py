@@ -66,8 +66,8 @@ class SimCLR(Objective):
         jitter_prob=self.jitter_prob, grayscale_prob=self.grayscale_prob,
         blur_prob=self.blur_prob)
     key_a, key_b = jax.random.split(self.make_rng("augment"))
-    view_a, _ = augment.view_augment(key_a, batch["image"], cfg, self.image_size)
-    view_b, _ = augment.view_augment(key_b, batch["image"], cfg, self.image_size)
+    view_a, _ = augment.view_augment(key_a, batch, cfg, self.image_size)
+    view_b, _ = augment.view_augment(key_b, batch, cfg, self.image_size)
     b = view_a.shape[0]
     # One encoder call on both views: BatchNorm statistics over 2B, as in the reference.
     out = encoder(jnp.concatenate([view_a, view_b]), train=train)

@@ -9,9 +9,15 @@ or on how the batch is sharded.
 Conventions:
   * Single-image functions take `(key, image, ...)` with `image` float32 (H, W, 3) in
     [0, 1] and return the same shape and range (crops return their new size).
-  * Batched helpers (`view_augment`, `multi_crop`) take a uint8 or float (B, H, W, 3)
-    batch and one key, derive one key per example and `jax.vmap` the single-image
-    function.
+  * Batched helpers (`view_augment`, `multi_crop`, `eval_view`) take a uint8 or float
+    (B, H, W, 3) batch, or the batch dict itself (its `image` and, when present, `valid`),
+    and one key, derive one key per example and `jax.vmap` the single-image function.
+  * Training batches are canvases: the host fits the whole image into a fixed square
+    canvas, padded (see `selfsup.data.pipeline.fit_to_canvas`), and `valid` (B, 4) int32
+    holds each image's box (y0, x0, y1, x1) in canvas pixels. Crops are sampled inside
+    it, with scale and aspect ratio relative to the image, not to the canvas, and the
+    boxes functions return are normalised to the image (the valid region). Without
+    `valid` the whole array is the image (evaluation batches, CIFAR-sized data).
   * All sizes are static Python ints, so everything is jittable; probabilities and
     strengths are normally static Python floats (an op whose probability or strength is a
     static 0 is skipped at trace time) but may also be traced scalars.
@@ -98,6 +104,9 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
   return (jnp.asarray(images, jnp.float32) - mean) / std
 
 
+_normalize = normalize  # For functions whose `normalize` argument shadows it.
+
+
 # ---------------------------------------------------------------------------------------
 # Crops and boxes.
 #
@@ -180,7 +189,7 @@ def box_coordinates(box, height: int, width: int | None = None) -> jax.Array:
   return jnp.stack([yy, xx], axis=-1)
 
 
-def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0),
+def sample_crop_box(key, height, width, scale=(0.08, 1.0),
                     ratio=(3 / 4, 4 / 3), num_attempts: int = 10) -> jax.Array:
   """Samples a random-resized-crop box (torchvision's rule, without Python loops).
 
@@ -190,6 +199,14 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0),
   largest centred crop whose aspect ratio is within `ratio` is used (torchvision's
   fallback). Boxes are continuous (not snapped to whole pixels): the crop is resampled
   anyway, and this keeps the area fraction exactly uniform in `scale`.
+
+  Args:
+    key: PRNG key.
+    height, width: the image's size in pixels; Python numbers or traced scalars (the
+      valid region of a canvas differs per example). Only their ratio matters.
+    scale: range of the crop's area as a fraction of the image's area.
+    ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+    num_attempts: candidates drawn before falling back to a centred crop.
 
   Returns:
     (4,) float32 box (y0, x0, y1, x1) in normalised coordinates, y0 < y1 and x0 < x1.
@@ -208,52 +225,122 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0),
   candidates = jnp.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=-1)
   first = jnp.argmax(fits)  # Index of the first True (0 when none fits).
 
-  # Fallback, static because the image size is: the whole image, cut to the nearest
-  # allowed aspect ratio.
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fb_w, fb_h = 1.0, in_ratio / min(ratio)
-  elif in_ratio > max(ratio):
-    fb_w, fb_h = max(ratio) / in_ratio, 1.0
-  else:
-    fb_w, fb_h = 1.0, 1.0
-  fallback = jnp.array(
-      [(1 - fb_h) / 2, (1 - fb_w) / 2, (1 + fb_h) / 2, (1 + fb_w) / 2], jnp.float32)
+  # Fallback: the whole image, cut to the nearest allowed aspect ratio. Written with
+  # jnp.where so that it also works for a traced (per-example) image size.
+  in_ratio = jnp.asarray(width, jnp.float32) / jnp.asarray(height, jnp.float32)
+  fb_w = jnp.where(in_ratio > max(ratio), max(ratio) / in_ratio, 1.0)
+  fb_h = jnp.where(in_ratio < min(ratio), in_ratio / min(ratio), 1.0)
+  fallback = jnp.stack([(1 - fb_h) / 2, (1 - fb_w) / 2, (1 + fb_h) / 2, (1 + fb_w) / 2])
   return jnp.where(jnp.any(fits), candidates[first], fallback).astype(jnp.float32)
 
 
+def _valid_size(image, valid):
+  """(height, width) of the image inside a canvas: static ints without `valid`."""
+  if valid is None:
+    return image.shape[0], image.shape[1]
+  valid = jnp.asarray(valid, jnp.float32)
+  return valid[2] - valid[0], valid[3] - valid[1]
+
+
+def to_canvas_box(box, valid, height: int, width: int) -> jax.Array:
+  """Maps a box normalised to the valid region into the canvas's normalised coordinates.
+
+  Args:
+    box: (..., 4) (y0, x0, y1, x1) normalised to the image (the valid region).
+    valid: (..., 4) the valid region (y0, x0, y1, x1) in canvas pixels, or None (the
+      canvas is the image: the box is returned unchanged).
+    height, width: the canvas size in pixels.
+  """
+  box = jnp.asarray(box, jnp.float32)
+  if valid is None:
+    return box
+  valid = jnp.asarray(valid, jnp.float32)
+  size = jnp.stack([height, width, height, width]).astype(jnp.float32)
+  origin = valid[..., jnp.array([0, 1, 0, 1])] / size
+  extent = (valid[..., jnp.array([2, 3, 2, 3])] - valid[..., jnp.array([0, 1, 0, 1])]) / size
+  return origin + box * extent
+
+
 def random_resized_crop(key, image, out_size: int, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3), num_attempts: int = 10):
+                        ratio=(3 / 4, 4 / 3), num_attempts: int = 10, valid=None):
   """Random resized crop (Inception / SimCLR / torchvision RandomResizedCrop).
 
   Args:
     key: PRNG key.
-    image: float (H, W, 3) in [0, 1].
+    image: float (H, W, 3) in [0, 1]: the image, or a canvas holding it in `valid`.
     out_size: side of the square output (static).
     scale: range of the crop's area as a fraction of the image's area.
     ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
     num_attempts: candidates drawn before falling back to a centred crop.
+    valid: (4,) the image's box (y0, x0, y1, x1) in canvas pixels, or None when the whole
+      array is the image. Scale and ratio then refer to the valid region.
 
   Returns:
     (crop, box): crop float32 (out_size, out_size, 3) in [0, 1]; box (4,) float32
-    (y0, x0, y1, x1) of the crop in the input's normalised coordinates.
+    (y0, x0, y1, x1) of the crop in the image's normalised coordinates (the valid
+    region's, not the canvas's).
   """
-  h, w = image.shape[0], image.shape[1]
+  h, w = _valid_size(image, valid)
   box = sample_crop_box(key, h, w, scale, ratio, num_attempts)
-  return crop_and_resize(image, box, out_size), box
+  canvas_box = to_canvas_box(box, valid, image.shape[0], image.shape[1])
+  return crop_and_resize(image, canvas_box, out_size), box
 
 
-def center_crop_resize(image, out_size: int, crop_fraction: float = 1.0) -> jax.Array:
+def center_crop_resize(image, out_size: int, crop_fraction: float = 1.0,
+                       valid=None) -> jax.Array:
   """Central square crop of side `crop_fraction * min(H, W)`, resized to out_size.
 
   crop_fraction = 1 takes the largest central square; 0.875 is the usual ImageNet
-  evaluation crop (224 of 256).
+  evaluation crop (224 of 256). With `valid` (the image's box in canvas pixels) H and W
+  are the valid region's and the square is centred in it.
   """
-  h, w = image.shape[0], image.shape[1]
-  side = crop_fraction * min(h, w)
+  h, w = _valid_size(image, valid)
+  side = crop_fraction * jnp.minimum(h, w) if valid is not None else crop_fraction * min(h, w)
   bh, bw = side / h, side / w
-  box = jnp.array([(1 - bh) / 2, (1 - bw) / 2, (1 + bh) / 2, (1 + bw) / 2], jnp.float32)
-  return crop_and_resize(image, box, out_size)
+  box = jnp.stack([(1 - bh) / 2, (1 - bw) / 2, (1 + bh) / 2, (1 + bw) / 2]).astype(jnp.float32)
+  return crop_and_resize(image, to_canvas_box(box, valid, image.shape[0], image.shape[1]),
+                         out_size)
+
+
+def _images_and_valid(images):
+  """(images, valid or None) from a batch dict (`image`, optional `valid`) or an array."""
+  if isinstance(images, Mapping):
+    return images["image"], images.get("valid")
+  return images, None
+
+
+def eval_view(images, out_size: int | None = None, crop_fraction: float = 1.0,
+              normalize: bool = True) -> jax.Array:
+  """The un-augmented view of a batch: what encoders see when nothing is random.
+
+  This is the one evaluation preprocessing (features for probes, the online probe, an
+  objective's `augment=False` path): the central square of each image (side
+  `crop_fraction` of its shorter side), resized to out_size, in [0, 1], standardised
+  with the ImageNet channel statistics unless normalize=False.
+
+  Args:
+    images: (B, H, W, 3) uint8 or float in [0, 1], or a batch dict whose `image` is that
+      and whose optional `valid` (B, 4) gives each image's box in canvas pixels.
+    out_size: side of the output (static); None keeps H (then H must equal W).
+    crop_fraction: side of the central square as a fraction of the shorter side.
+    normalize: standardise the channels.
+
+  Returns:
+    float32 (B, out_size, out_size, 3). An array that already is the square image at
+    out_size (evaluation batches, CIFAR-sized training data) is passed through without
+    resampling, exactly as before canvases existed.
+  """
+  images, valid = _images_and_valid(images)
+  h, w = images.shape[1], images.shape[2]
+  out_size = h if out_size is None else out_size
+  if valid is None and h == w == out_size and crop_fraction == 1:
+    x = to_float(images)
+  else:
+    valid_rows = (jnp.zeros((images.shape[0], 4), jnp.int32) + jnp.array([0, 0, h, w])
+                  if valid is None else valid)
+    x = jax.vmap(lambda im, v: center_crop_resize(to_float(im), out_size, crop_fraction, v))(
+        images, valid_rows)
+  return _normalize(x) if normalize else x
 
 
 def random_flip(key, image, prob: float = 0.5):
@@ -526,7 +613,7 @@ def view_params(cfg, **overrides) -> ViewParams:
   return ViewParams(**values)
 
 
-def view_augment_single(key, image, cfg, out_size: int):
+def view_augment_single(key, image, cfg, out_size: int, valid=None):
   """One augmented view of one image: crop, flip, jitter, grayscale, blur, solarize.
 
   The order is SimCLR's (crop + flip, then colour distortion, then blur); solarize comes
@@ -534,9 +621,10 @@ def view_augment_single(key, image, cfg, out_size: int):
 
   Args:
     key: PRNG key.
-    image: (H, W, 3) uint8 or float in [0, 1].
+    image: (H, W, 3) uint8 or float in [0, 1]: the image or a canvas holding it.
     cfg: view config (see `default_view_config`) or a `ViewParams`.
     out_size: side of the square view (static).
+    valid: (4,) the image's box in canvas pixels, or None (the whole array is the image).
 
   Returns:
     (view, box): float32 (out_size, out_size, 3), normalised when cfg.normalize (else in
@@ -545,7 +633,7 @@ def view_augment_single(key, image, cfg, out_size: int):
   p = cfg if isinstance(cfg, ViewParams) else view_params(cfg)
   k_crop, k_flip, k_jit, k_gray, k_blur, k_sol = jax.random.split(key, 6)
   x, box = random_resized_crop(k_crop, to_float(image), out_size, p.crop_scale,
-                               p.crop_ratio)
+                               p.crop_ratio, valid=valid)
   x, flipped = random_flip(k_flip, x, p.flip_prob)
   box = flip_box(box, flipped)
   s = p.jitter_strength
@@ -567,23 +655,33 @@ def per_example_keys(key, batch_size: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
 
 
+def _vmap_views(keys, images, valid, p, out_size):
+  if valid is None:
+    return jax.vmap(lambda k, x: view_augment_single(k, x, p, out_size))(keys, images)
+  return jax.vmap(lambda k, x, v: view_augment_single(k, x, p, out_size, v))(
+      keys, images, valid)
+
+
 def view_augment(key, images, cfg, out_size: int):
   """One random view per example of a batch, each with its own random parameters.
 
   Args:
     key: PRNG key (fold the step in before calling, so every step differs).
-    images: (B, H, W, 3) uint8 (or float in [0, 1]).
+    images: (B, H, W, 3) uint8 (or float in [0, 1]), or the batch dict: then its `image`
+      and, when present, its `valid` boxes (crops are sampled inside each image's valid
+      region of the canvas, scale and ratio relative to that region).
     cfg: view config (see `default_view_config`) or a `ViewParams`.
     out_size: side of the square views (static).
 
   Returns:
     (views, boxes): float32 (B, out_size, out_size, 3), normalised when cfg.normalize;
-    boxes float32 (B, 4) (y0, x0, y1, x1) in original-image coordinates, x bounds swapped
-    for flipped views.
+    boxes float32 (B, 4) (y0, x0, y1, x1) in original-image coordinates (normalised to
+    the valid region), x bounds swapped for flipped views.
   """
   p = view_params(cfg)
+  images, valid = _images_and_valid(images)
   keys = per_example_keys(key, images.shape[0])
-  return jax.vmap(lambda k, x: view_augment_single(k, x, p, out_size))(keys, images)
+  return _vmap_views(keys, images, valid, p, out_size)
 
 
 def multi_crop(key, images, crops: Sequence[Any], cfg, return_boxes: bool = False):
@@ -591,7 +689,8 @@ def multi_crop(key, images, crops: Sequence[Any], cfg, return_boxes: bool = Fals
 
   Args:
     key: PRNG key.
-    images: (B, H, W, 3) uint8 (or float in [0, 1]).
+    images: (B, H, W, 3) uint8 (or float in [0, 1]), or the batch dict (its `image` and
+      optional `valid` boxes, as for `view_augment`).
     crops: sequence of (out_size, num_views, scale) with scale the (low, high) area
       fraction of that resolution's crops, e.g. SwAV's
       [(224, 2, (0.14, 1.0)), (96, 6, (0.05, 0.14))].
@@ -603,9 +702,10 @@ def multi_crop(key, images, crops: Sequence[Any], cfg, return_boxes: bool = Fals
     view-major order (row v * B + b is view v of example b; reshape to
     (num_views, B, ...) to split views), ready to be forwarded as one batch per
     resolution. With return_boxes, (views, boxes) with boxes a list of
-    (num_views * B, 4) arrays in the same order. Every view of every example has its own
-    random parameters.
+    (num_views * B, 4) arrays in the same order, in original-image coordinates. Every
+    view of every example has its own random parameters.
   """
+  images, valid = _images_and_valid(images)
   b = images.shape[0]
   views, boxes = [], []
   for r, (out_size, num_views, scale) in enumerate(crops):
@@ -618,7 +718,8 @@ def multi_crop(key, images, crops: Sequence[Any], cfg, return_boxes: bool = Fals
     keys = jax.vmap(lambda k: per_example_keys(k, b))(view_keys)
     keys = keys.reshape((num_views * b,) + keys.shape[2:])
     tiled = jnp.tile(images, (num_views, 1, 1, 1))  # Row v * B + b is example b.
-    v, bx = jax.vmap(lambda k, x: view_augment_single(k, x, p, out_size))(keys, tiled)
+    tiled_valid = None if valid is None else jnp.tile(valid, (num_views, 1))
+    v, bx = _vmap_views(keys, tiled, tiled_valid, p, out_size)
     views.append(v)
     boxes.append(bx)
   return (views, boxes) if return_boxes else views

@@ -20,6 +20,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.test_split = "test"
   c.data.image_size = 32
+  # Training canvas: the host fits the whole image into source_size x source_size (padded)
+  # and the device crops views from it (docs/design.md, "Views from the whole image").
+  # 0 = image_size: right for 32 px data; photographs want more (imagenet_config).
+  c.data.source_size = 0
+  c.data.eval_crop_fraction = 1.0      # evaluation centre crop (0.875 ImageNet-style)
   c.data.num_workers = 0               # grain worker processes (0 = in the main process)
   c.data.prefetch = 2
   c.data.strict = False                # True: a corrupt image is an error, not a skip
@@ -81,6 +86,15 @@ def validate(config) -> None:
     raise UserError(f"config.train.batch_size must be >= 1, got {config.train.batch_size}")
   if config.data.image_size < 8:
     raise UserError(f"config.data.image_size must be >= 8, got {config.data.image_size}")
+  if config.data.source_size and config.data.source_size < config.data.image_size:
+    raise UserError(f"config.data.source_size={config.data.source_size} is below "
+                    f"image_size={config.data.image_size}; use 0 (= image_size) or a larger "
+                    "canvas")
+  if config.data.source_size < 0:
+    raise UserError(f"config.data.source_size must be >= 0, got {config.data.source_size}")
+  if not 0 < config.data.eval_crop_fraction <= 1:
+    raise UserError(f"config.data.eval_crop_fraction must be in (0, 1] (0.875 for ImageNet-"
+                    f"style data, 1.0 for 32 px data), got {config.data.eval_crop_fraction}")
   if config.train.dtype not in ("float32", "bfloat16"):
     raise UserError(f"config.train.dtype must be float32 or bfloat16, not {config.train.dtype!r}")
   if not config.objectives:
@@ -105,6 +119,11 @@ def _check_keys(config, reference, prefix):
       continue
     if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, ml_collections.ConfigDict):
       _check_keys(sub, ref, f"{prefix}.{key}")
+
+
+def canvas_size(config) -> int:
+  """Side of the training canvas: config.data.source_size, or image_size when it is 0."""
+  return int(config.data.source_size or config.data.image_size)
 
 
 def objective(name: str, weight: float = 1.0, **options) -> dict:
@@ -144,6 +163,11 @@ def imagenet_config(image_size: int = 224) -> ml_collections.ConfigDict:
   c.data.source = "tfds:imagenet2012"
   c.data.test_split = "validation"
   c.data.image_size = image_size
+  # 288 for 224: the whole photo at 288 on its longer side (ImageNet's median 500x375
+  # becomes 288x216), so a 0.08-area crop is ~71 px instead of the ~63 px of a 224 centre
+  # crop, at 1.65x the host bytes of a 224 image (docs/design.md).
+  c.data.source_size = image_size * 9 // 7
+  c.data.eval_crop_fraction = 0.875
   c.data.num_workers = 16
   c.encoder = {"name": "resnet50"}
   c.train.dtype = "bfloat16"

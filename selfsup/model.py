@@ -24,6 +24,7 @@ class PretextModel(nn.Module):
   names: tuple               # their names (also their parameter/state scopes)
   weights: tuple             # their loss weights
   num_classes: int = 0       # > 0: train an online linear probe on stop-gradient features
+  image_size: int = 0        # the probe's view size when no objective gives features (0: as batched)
 
   @nn.compact
   def __call__(self, batch: dict, *, train: bool = True, step=0):
@@ -42,7 +43,7 @@ class PretextModel(nn.Module):
     metrics["pretext_loss"] = total
     if self.num_classes and "label" in batch:
       if probe_features is None:
-        images = augment.normalize(augment.to_float(batch["image"]))
+        images = augment.eval_view(batch, self.image_size or None)
         probe_features = self.encoder(images, train=False).pooled
       # Labels never reach the encoder: the probe sees stop-gradient features.
       logits = nn.Dense(self.num_classes, name="probe")(jax.lax.stop_gradient(probe_features))
@@ -66,4 +67,5 @@ def build_model(config, num_classes: int = 0, dataset_size: int = 0):
         dataset_size=dataset_size))
     names.append(name)
   return PretextModel(encoder=encoder, objectives=tuple(templates), names=tuple(names),
-                      weights=tuple(weights), num_classes=num_classes)
+                      weights=tuple(weights), num_classes=num_classes,
+                      image_size=config.data.image_size)

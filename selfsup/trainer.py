@@ -78,9 +78,10 @@ class Trainer:
 
   # ---- state -----------------------------------------------------------------------
   def _dummy_batch(self, n):
-    s = self.config.data.image_size
+    s = config_lib.canvas_size(self.config)
     return {"image": jnp.zeros((n, s, s, 3), jnp.uint8), "label": jnp.zeros((n,), jnp.int32),
-            "index": jnp.arange(n, dtype=jnp.int32)}
+            "index": jnp.arange(n, dtype=jnp.int32),
+            "valid": jnp.tile(jnp.array([0, 0, s, s], jnp.int32), (n, 1))}
 
   def _init_state(self):
     config = self.config
@@ -117,7 +118,8 @@ class Trainer:
     c = self.config
     return data_lib.make_pipeline(
         self.source, batch_size=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
-        shuffle=True, num_workers=c.data.num_workers, prefetch=c.data.prefetch)
+        shuffle=True, num_workers=c.data.num_workers, prefetch=c.data.prefetch,
+        canvas_size=config_lib.canvas_size(c))
 
   # ---- the step --------------------------------------------------------------------
   def _make_step(self):
@@ -158,7 +160,7 @@ class Trainer:
                    out_shardings=(self.state_shardings, None, None))
 
   def shard_batch(self, batch: dict) -> dict:
-    keep = {k: v for k, v in batch.items() if k in ("image", "label", "index")}
+    keep = {k: v for k, v in batch.items() if k in ("image", "label", "index", "valid")}
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in keep.items()}
 

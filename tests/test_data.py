@@ -159,8 +159,98 @@ def test_folder_strict_and_layout_errors(tmp_path):
     data.FolderSource(os.path.join(root, 'missing'), 'train')
   with pytest.raises(UserError, match='splits found: test, train'):
     data.FolderSource(root, 'validation')
-  with pytest.raises(UserError, match='no images'):
+  with pytest.raises(UserError, match='no images'), \
+       pytest.warns(UserWarning, match="without images .* skipped: cat"):
     data.FolderSource(root, 'test')
+
+
+def test_folder_labels_come_from_one_class_list_for_all_splits(tmp_path):
+  # train has a, b, c; test has b, c, d: 'b' must be the same class in both splits.
+  for split, classes in (('train', 'abc'), ('test', 'bcd')):
+    for cls in classes:
+      d = tmp_path / split / cls
+      d.mkdir(parents=True)
+      Image.new('RGB', (4, 4), (10 * ord(cls) % 256, 0, 0)).save(d / 'x.png')
+  with pytest.warns(UserWarning, match=r"split 'train' has classes other splits lack \(a not in 'test'\)"):
+    train = data.FolderSource(str(tmp_path), 'train')
+  with pytest.warns(UserWarning, match=r"d not in 'train'"):
+    test = data.FolderSource(str(tmp_path), 'test')
+  assert train.classes == test.classes == ['a', 'b', 'c', 'd']
+  assert train.num_classes == test.num_classes == 4
+  label_of = lambda src: {f.split(os.sep)[-2]: src[i]['label'] for i, f in enumerate(src.files)}
+  assert label_of(train) == {'a': 0, 'b': 1, 'c': 2}
+  assert label_of(test) == {'b': 1, 'c': 2, 'd': 3}  # Never renumbered onto a, b, c.
+
+
+def _save_mode(path, mode):
+  """Writes a 2x2 image in `mode` whose top-left pixel is mid-grey-ish; returns the
+  expected uint8 RGB of all four pixels."""
+  if mode == 'I;16':
+    arr = np.array([[32768, 65535], [0, 257 * 10]], np.uint16)
+    Image.fromarray(arr).save(path + '.png')  # uint16 -> mode I;16.
+    grey = np.array([[128, 255], [0, 10]])
+  elif mode == 'I':
+    arr = np.array([[32768, 65535], [0, 257 * 10]], np.int32)
+    Image.fromarray(arr, 'I').save(path + '.tif')
+    grey = np.array([[128, 255], [0, 10]])
+  elif mode == 'F':
+    arr = np.array([[0.5, 1.0], [0.0, 0.1]], np.float32)
+    Image.fromarray(arr, 'F').save(path + '.tif')
+    grey = np.array([[128, 255], [0, 26]])
+  elif mode == 'P':
+    img = Image.new('P', (2, 2))
+    img.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    img.putdata([1, 0, 0, 1])
+    img.save(path + '.png')
+    return np.array([[[200, 100, 50], [0, 0, 0]], [[0, 0, 0], [200, 100, 50]]])
+  elif mode == 'CMYK':
+    Image.new('CMYK', (2, 2), (0, 255, 255, 0)).save(path + '.tif')  # Pure red.
+    return np.broadcast_to(np.array([255, 0, 0]), (2, 2, 3))
+  elif mode in ('LA', 'RGBA'):
+    colour = (90, 7) if mode == 'LA' else (90, 90, 90, 7)
+    Image.new(mode, (2, 2), colour).save(path + '.png')
+    return np.full((2, 2, 3), 90)
+  elif mode == '1':
+    img = Image.new('1', (2, 2))
+    img.putdata([1, 0, 0, 1])
+    img.save(path + '.bmp')
+    grey = np.array([[255, 0], [0, 255]])
+  elif mode == 'L':
+    Image.fromarray(np.array([[128, 255], [0, 10]], np.uint8)).save(path + '.png')
+    grey = np.array([[128, 255], [0, 10]])
+  return np.repeat(grey[..., None], 3, -1)
+
+
+@pytest.mark.parametrize('mode', ['I;16', 'I', 'F', 'P', 'CMYK', 'LA', 'RGBA', '1', 'L'])
+def test_folder_decodes_every_mode_to_8bit_rgb(tmp_path, mode):
+  d = tmp_path / 'train' / 'a'
+  d.mkdir(parents=True)
+  expected = _save_mode(str(d / 'img'), mode)
+  src = data.FolderSource(str(tmp_path), 'train')
+  assert len(src) == 1, src.files
+  with Image.open(src.files[0]) as img:
+    assert img.mode == mode or (mode == 'I;16' and img.mode.startswith('I'))
+  image = src[0]['image']
+  assert image.dtype == np.uint8 and image.shape == (2, 2, 3)
+  np.testing.assert_array_equal(image, expected)
+
+
+def test_folder_reads_nested_folders_and_warns_about_empty_classes(tmp_path):
+  for rel in ('train/a/x.png', 'train/a/deep/er/y.PNG', 'train/b/z.jpg'):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (4, 4)).save(tmp_path / rel, format='PNG' if 'png' in rel.lower() else 'JPEG')
+  (tmp_path / 'train' / 'empty' / 'sub').mkdir(parents=True)
+  (tmp_path / 'train' / 'void').mkdir()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    src = data.FolderSource(str(tmp_path), 'train')
+  messages = [str(w.message) for w in caught if 'without images' in str(w.message)]
+  assert len(messages) == 1 and 'empty, void' in messages[0]
+  assert src.classes == ['a', 'b'] and len(src) == 3
+  rel = [os.path.relpath(f, tmp_path) for f in src.files]
+  assert rel == [os.path.join('train', 'a', 'deep', 'er', 'y.PNG'),
+                 os.path.join('train', 'a', 'x.png'), os.path.join('train', 'b', 'z.jpg')]
+  assert [src[i]['label'] for i in range(3)] == [0, 0, 1]
 
 
 # ---------------------------------------------------------------------------------------

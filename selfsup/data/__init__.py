@@ -11,14 +11,15 @@ as arrays for evaluation. Both are re-exported here, so `from selfsup import dat
 all a caller needs.
 """
 
-from selfsup.data.pipeline import (iterator_state_to_json, load_arrays, make_pipeline,
-                                   resize_and_crop, restore_iterator_state)
-from selfsup.data.sources import (SHAPE_NAMES, SOURCE_FORMS, SYNTHETIC_SOURCES, DataSource,
-                                  FolderSource, ShapesSource, TfdsSource, dataset_size,
-                                  make_source)
+from selfsup.data.pipeline import (fit_to_canvas, iterator_state_to_json, load_arrays,
+                                   make_pipeline, resize_and_crop, restore_iterator_state)
+from selfsup.data.sources import (IMAGE_EXTENSIONS, SHAPE_NAMES, SOURCE_FORMS,
+                                  SYNTHETIC_SOURCES, DataSource, FolderSource, ShapesSource,
+                                  TfdsSource, dataset_size, make_source, to_rgb8)
 
 __all__ = [
     'DataSource',
+    'IMAGE_EXTENSIONS',
     'FolderSource',
     'ShapesSource',
     'SHAPE_NAMES',
@@ -26,10 +27,12 @@ __all__ = [
     'SYNTHETIC_SOURCES',
     'TfdsSource',
     'dataset_size',
+    'fit_to_canvas',
     'iterator_state_to_json',
     'load_arrays',
     'make_pipeline',
     'make_source',
     'resize_and_crop',
     'restore_iterator_state',
+    'to_rgb8',
 ]

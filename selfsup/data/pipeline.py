@@ -3,9 +3,18 @@
 The host pipeline only shuffles, shards by process, decodes, resizes to a fixed size and
 batches uint8 images: every random augmentation runs on the device inside the jitted
 step, which keeps hosts from becoming the bottleneck and makes runs reproducible.
-Batches hold exactly the keys `image`, `label` and `index`; source-specific extra labels
-(the synthetic `count`, `position`, `orientation`) are dropped there so every source
-yields the same batch structure; read them from the source itself when needed.
+
+Two modes (see docs/design.md, "Views from the whole image"):
+  * training (`canvas_size` given): the WHOLE image is fitted into a square canvas
+    (longer side = canvas_size when larger, never enlarged), padded by repeating its
+    last row and column, and `valid` (int32 (y0, x0, y1, x1), canvas pixels) says
+    where it is, so the device samples crops of the whole image;
+  * evaluation (no `canvas_size`): shorter side resized to image_size / crop_fraction,
+    centre crop of image_size.
+Batches hold exactly the keys `image`, `label`, `index` (and `valid` in training mode);
+source-specific extra labels (the synthetic `count`, `position`, `orientation`) are
+dropped there so every source yields the same batch structure; read them from the
+source itself when needed.
 """
 
 from __future__ import annotations
@@ -28,44 +37,106 @@ from selfsup.errors import UserError
 # Host preprocessing and the grain pipeline.
 
 
-def resize_and_crop(image: np.ndarray, image_size: int) -> np.ndarray:
-  """Resizes the shorter side to image_size (bilinear, antialiased) and centre-crops a square."""
+def _rgb(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
+  return image.astype(np.uint8, copy=False)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  if image.shape[:2] == (height, width):
+    return image
+  # PIL's bilinear filter widens its support when shrinking: that is the antialiasing.
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def resize_and_crop(image: np.ndarray, image_size: int,
+                    crop_fraction: float = 1.0) -> np.ndarray:
+  """Evaluation preprocessing: shorter side to image_size / crop_fraction, centre crop.
+
+  Bilinear, antialiased. crop_fraction 0.875 is the ImageNet convention (resize to 256,
+  crop 224); 1.0 keeps the largest central square (small images such as CIFAR's).
+  """
+  image = _rgb(image)
   h, w = image.shape[:2]
-  if (h, w) == (image_size, image_size):
-    return image.astype(np.uint8, copy=False)
-  scale = image_size / min(h, w)
-  nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
-  if (nh, nw) != (h, w):
-    # PIL's bilinear filter widens its support when shrinking: that is the antialiasing.
-    image = np.asarray(Image.fromarray(image.astype(np.uint8, copy=False)).resize(
-        (nw, nh), Image.BILINEAR))
+  if (h, w) == (image_size, image_size) and crop_fraction == 1:
+    return image
+  short = max(image_size, round(image_size / crop_fraction))
+  scale = short / min(h, w)
+  nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
+  image = _resize(image, nh, nw)
   top, left = (nh - image_size) // 2, (nw - image_size) // 2
   return image[top:top + image_size, left:left + image_size]
 
 
+def fit_to_canvas(image: np.ndarray, canvas_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Training preprocessing: the whole image in a square canvas, and where it lies.
+
+  An image larger than the canvas is shrunk (bilinear, antialiased, aspect kept) until
+  its longer side is canvas_size; a smaller one keeps its pixels (the device resamples
+  each crop once, and enlarging here would only blur it twice). It is placed at the
+  top-left corner and the rest of the canvas repeats its last row and column: the
+  antialiasing filter of a downscaling crop reads a pixel or two beyond the crop, and
+  edge padding makes that read the image's own border instead of black.
+
+  Returns:
+    canvas uint8 (canvas_size, canvas_size, 3) and valid int32 (4,) = (0, 0, h, w), the
+    image's box (y0, x0, y1, x1) in canvas pixels.
+  """
+  image = _rgb(image)
+  h, w = image.shape[:2]
+  scale = min(1.0, canvas_size / max(h, w))
+  nh, nw = max(1, min(canvas_size, round(h * scale))), max(1, min(canvas_size, round(w * scale)))
+  image = _resize(image, nh, nw)
+  if (nh, nw) != (canvas_size, canvas_size):
+    # Edge padding by three slice copies: np.pad(mode='edge') is several times slower.
+    canvas = np.empty((canvas_size, canvas_size, 3), np.uint8)
+    canvas[:nh, :nw] = image
+    canvas[nh:, :nw] = image[-1:]
+    canvas[:, nw:] = canvas[:, nw - 1:nw]
+    image = canvas
+  return image, np.array([0, 0, nh, nw], np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Preprocess:
-  """Decode + fixed-size resize; a picklable top-level callable for grain workers."""
+  """Decode + fixed-size resize; a picklable top-level callable for grain workers.
+
+  canvas_size > 0: training mode (`fit_to_canvas`, adds `valid`); 0: evaluation mode
+  (`resize_and_crop`).
+  """
 
   image_size: int
+  canvas_size: int = 0
+  crop_fraction: float = 1.0
 
   def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {
-        'image': np.ascontiguousarray(resize_and_crop(example['image'], self.image_size)),
-        'label': np.int32(example['label']),
-        'index': np.int32(example['index']),
-    }
+    out = {'label': np.int32(example['label']), 'index': np.int32(example['index'])}
+    if self.canvas_size:
+      out['image'], out['valid'] = fit_to_canvas(example['image'], self.canvas_size)
+    else:
+      out['image'] = resize_and_crop(example['image'], self.image_size, self.crop_fraction)
+    out['image'] = np.ascontiguousarray(out['image'])
+    return out
 
 
-def _sized(source: DataSource, image_size: int) -> DataSource:
-  # Sources that can decode cheaper at a known output size (JPEG draft mode) say so.
+def _sized(source: DataSource, image_size: int, crop_fraction: float = 1.0,
+           canvas_size: int = 0) -> DataSource:
+  """The source told the size it will be resized to, when it can decode cheaper for it.
+
+  JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale while staying at least that size:
+  both sides >= the evaluation resize (image_size / crop_fraction) or the longer side
+  >= the canvas.
+  """
   for_size = getattr(source, 'for_image_size', None)
-  return for_size(image_size) if for_size is not None else source
+  if for_size is None:
+    return source
+  if canvas_size:
+    return for_size(canvas_size, fit='longer')
+  return for_size(max(image_size, round(image_size / crop_fraction)))
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -94,8 +165,14 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
                   shuffle: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True, num_workers: int = 0, prefetch: int = 2,
                   process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
+                  process_count: int | None = None,
+                  canvas_size: int | None = None,
+                  crop_fraction: float = 1.0) -> grain.DatasetIterator:
   """Builds this process's checkpointable iterator of uint8 batches.
+
+  With `canvas_size` the batches are for training: whole images fitted into canvases,
+  with their `valid` boxes, for the device to crop views from. Without it they are for
+  evaluation: shorter side resized to image_size / crop_fraction and centre-cropped.
 
   Order: shuffle the whole source (a fresh permutation every epoch, a pure function of
   `seed`), keep this process's stride of it, repeat, decode + resize, batch. Shuffling
@@ -112,7 +189,7 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
   Args:
     source: a random-access source (see `make_source`).
     batch_size: the GLOBAL batch size; each process yields batch_size // process_count.
-    image_size: output height and width.
+    image_size: output height and width in evaluation mode (no canvas_size).
     seed: shuffle seed.
     shuffle: whether to shuffle (False keeps source order: evaluation).
     num_epochs: passes over the data; None repeats forever.
@@ -121,11 +198,16 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
     prefetch: batches buffered ahead (per worker when num_workers > 0).
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
+    canvas_size: training mode: side of the canvas the whole image is fitted into
+      (`fit_to_canvas`); usually >= image_size (config.data.source_size).
+    crop_fraction: evaluation mode: the centre crop's side as a fraction of the resized
+      shorter side (0.875 for ImageNet-style photographs, 1.0 for 32 px data).
 
   Returns:
-    A grain `DatasetIterator` of dicts `image` uint8 (b, image_size, image_size, 3),
-    `label` int32 (b,), `index` int32 (b,). Save and restore its position with
-    `iterator_state_to_json` / `restore_iterator_state`.
+    A grain `DatasetIterator` of dicts `image` uint8 (b, S, S, 3) with S = canvas_size
+    or image_size, `label` int32 (b,), `index` int32 (b,), and in training mode `valid`
+    int32 (b, 4), each image's (y0, x0, y1, x1) in canvas pixels. Save and restore its
+    position with `iterator_state_to_json` / `restore_iterator_state`.
 
   Raises:
     UserError: on invalid sizes or a batch that does not divide over the processes.
@@ -139,6 +221,7 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
                     f'number of processes ({process_count})')
   if image_size < 1:
     raise UserError(f'image_size must be positive, got {image_size}')
+  _check_crop(canvas_size, crop_fraction)
   if num_epochs is not None and num_epochs < 1:
     raise UserError(f'num_epochs must be a positive integer or None, got {num_epochs}')
   if num_workers < 0 or prefetch < 1:
@@ -151,13 +234,13 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
     raise UserError(f'{getattr(source, "name", "source")} has {n} examples, fewer than the '
                     f'{process_count} processes')
 
-  ds = grain.MapDataset.source(_sized(source, image_size))
+  ds = grain.MapDataset.source(_sized(source, image_size, crop_fraction, canvas_size or 0))
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   if process_count > 1:
     ds = ds[:per_process * process_count][process_index::process_count]
   ds = ds.repeat(num_epochs)
-  ds = ds.map(_Preprocess(image_size))
+  ds = ds.map(_Preprocess(image_size, canvas_size or 0, crop_fraction))
   # Per-example reads run in a thread pool; batching after it keeps the buffer in
   # examples small instead of holding hundreds of whole batches.
   read = grain.ReadOptions(num_threads=16 if num_workers == 0 else 4,
@@ -168,6 +251,15 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=prefetch))
   return iter(it_ds)
+
+
+def _check_crop(canvas_size: int | None, crop_fraction: float) -> None:
+  if canvas_size is not None and canvas_size < 1:
+    raise UserError(f'canvas_size must be a positive number of pixels or None, got '
+                    f'{canvas_size}')
+  if not 0 < crop_fraction <= 1:
+    raise UserError(f'crop_fraction must be in (0, 1] (0.875 for ImageNet-style '
+                    f'evaluation, 1.0 for 32 px data), got {crop_fraction}')
 
 
 def _to_jsonable(x: Any) -> Any:
@@ -233,8 +325,12 @@ def restore_iterator_state(it: grain.DatasetIterator, state_json: str) -> grain.
 
 def load_arrays(source: DataSource, image_size: int,
                 max_examples: int | None = None,
-                num_threads: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                num_threads: int | None = None, seed: int = 0,
+                crop_fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a (small) source in order into arrays for feature extraction.
+
+  Evaluation preprocessing, as `make_pipeline` without a canvas: shorter side resized to
+  image_size / crop_fraction, centre crop of image_size.
 
   Examples whose `index` is not their own position (a folder's substitute for a corrupt
   file) are dropped, so each readable example appears exactly once.
@@ -247,10 +343,12 @@ def load_arrays(source: DataSource, image_size: int,
       examples would cover one or two classes.
     num_threads: decoding threads (default: a few per CPU; PIL and numpy release the GIL).
     seed: seed of the subset.
+    crop_fraction: the centre crop's side as a fraction of the resized shorter side.
 
   Returns:
     images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
   """
+  _check_crop(None, crop_fraction)
   positions = np.arange(len(source))
   if max_examples is not None and max_examples < len(source):
     rng = np.random.default_rng(seed)
@@ -259,8 +357,8 @@ def load_arrays(source: DataSource, image_size: int,
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
   labels = np.zeros((n,), np.int32)
   keep = np.ones((n,), bool)
-  prep = _Preprocess(image_size)
-  source = _sized(source, image_size)
+  prep = _Preprocess(image_size, crop_fraction=crop_fraction)
+  source = _sized(source, image_size, crop_fraction)
 
   def work(lo: int, hi: int) -> None:
     for i in range(lo, hi):

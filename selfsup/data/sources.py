@@ -9,7 +9,7 @@ across runs and processes, so objectives that keep per-example state (NAT's targ
 table) can key on it. Three kinds of source exist, picked by a spec string:
 
   synthetic:NAME                    procedural images rendered from their index
-  folder:PATH                       PATH/SPLIT/CLASS/*.jpg|*.jpeg|*.png
+  folder:PATH                       PATH/SPLIT/CLASS/**/IMAGE (jpg, png, tif, ...)
   tfds:NAME[/CONFIG][:VERSION]      a prepared TFDS dataset, read without TensorFlow
 
 How examples become batches is `selfsup.data.pipeline`.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import re
 import threading
@@ -32,7 +33,7 @@ from PIL import Image
 from selfsup.errors import UserError, unknown_name
 
 SOURCE_FORMS = ('synthetic:NAME', 'folder:PATH', 'tfds:NAME[/CONFIG][:VERSION]')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
 class DataSource(Protocol):
@@ -296,10 +297,79 @@ SYNTHETIC_SOURCES: dict[str, dict[str, Any]] = {
 # folder:PATH
 
 
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def _walk(directory: str):
+  """os.walk in sorted order, following directory links but never into a loop."""
+  seen = set()
+  for top, dirs, names in os.walk(directory, followlinks=True):
+    real = os.path.realpath(top)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs.sort()
+    yield top, sorted(names)
+
+
 def _list_images(directory: str) -> list[str]:
-  return sorted(f for f in os.listdir(directory)
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-                and os.path.isfile(os.path.join(directory, f)))
+  """Image files anywhere under directory (sub-folders included), as sorted paths."""
+  return sorted(os.path.join(top, f) for top, names in _walk(directory) for f in names
+                if _is_image(f) and os.path.isfile(os.path.join(top, f)))
+
+
+def _has_image(directory: str) -> bool:
+  return any(_is_image(f) for _, names in _walk(directory) for f in names)
+
+
+def _subdirs(directory: str) -> list[str]:
+  return sorted(d for d in os.listdir(directory)
+                if not d.startswith('.') and os.path.isdir(os.path.join(directory, d)))
+
+
+def _names(items: Sequence[str], limit: int = 8) -> str:
+  shown = ', '.join(items[:limit])
+  return shown + (f' and {len(items) - limit} more' if len(items) > limit else '')
+
+
+def _uint8(values: np.ndarray, top: float) -> np.ndarray:
+  """Linear map of [0, top] onto [0, 255], rounded and clipped."""
+  return np.clip(np.rint(values.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+  """Any PIL image as uint8 (H, W, 3) RGB with the intensities it means.
+
+  PIL's own convert('RGB') clips high-bit-depth modes instead of scaling them (a 16-bit
+  PNG becomes solid white), so those are scaled here first:
+    * 'I;16*' and 'I' (how PIL opens 16-bit PNGs and TIFFs): x * 255 / 65535, i.e.
+      x / 257, so 65535 -> 255 and 0 -> 0;
+    * 'F' (float TIFFs): values within [0, 1] are scaled by 255, values within [0, 255]
+      are kept, any other range is stretched from its minimum and maximum to [0, 255]
+      (NaN and infinities become 0);
+    * palette, 1-bit, grey, grey + alpha, RGBA, CMYK, YCbCr: PIL's conversion. Alpha is
+      dropped, as PIL's convert('RGB') and the TFDS source do.
+  """
+  mode = img.mode
+  if mode.startswith('I;16') or mode == 'I':
+    gray = _uint8(np.asarray(img), 65535.0)
+  elif mode == 'F':
+    x = np.asarray(img, np.float64)
+    x = np.where(np.isfinite(x), x, 0.0)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 1:
+      gray = _uint8(x, 1.0)
+    elif lo >= 0 and hi <= 255:
+      gray = _uint8(x, 255.0)
+    else:
+      gray = _uint8(x - lo, max(hi - lo, 1e-12))
+  else:
+    if mode == 'P' and 'transparency' in img.info:
+      img = img.convert('RGBA')  # PIL warns when a transparent palette goes to RGB directly.
+    return np.asarray(img.convert('RGB'))
+  return np.repeat(gray[..., None], 3, axis=-1)
 
 
 class _CorruptLog:
@@ -320,11 +390,21 @@ class _CorruptLog:
 
 
 class FolderSource:
-  """`folder:PATH`: images under PATH/SPLIT/CLASS/*.jpg|*.jpeg|*.png.
+  """`folder:PATH`: images under PATH/SPLIT/CLASS/, in sub-folders too.
 
-  Classes are the sorted subfolder names of PATH/SPLIT and `label` is a class's position
-  among them; files are sorted within a class. Construction only lists files (a folder may
-  hold millions of images); images are decoded on access with PIL and converted to RGB.
+  Every sub-folder of PATH is a split and every sub-folder of a split is a class. The
+  class list is shared by all splits: the sorted union of the class folders that hold at
+  least one image in any split, so a class has the same label in `train` and `test`
+  whatever either one lacks. Classes of this split that no other split has are reported
+  (a warning naming them): a test class unseen in training keeps its own label, which no
+  classifier trained on `train` can predict, so it counts as an error rather than being
+  silently renumbered onto another class. Class folders without images are skipped with a
+  warning that names them.
+
+  Images are found recursively under each class folder (.jpg, .jpeg, .png, .bmp, .gif,
+  .tif, .tiff, .webp, any case), sorted by path. Construction only lists files (a folder
+  may hold millions of images); images are decoded on access with PIL and converted to
+  8-bit RGB by `to_rgb8` (16-bit and float images scaled, not clipped).
 
   A file that cannot be decoded is skipped: the source counts it (`num_corrupt`, files
   seen in this process), warns once, and returns the next readable example (index + 1,
@@ -332,37 +412,54 @@ class FolderSource:
   deterministic. With `strict=True` it raises a `UserError` naming the file instead.
 
   `draft_size`, when given, lets the JPEG decoder downscale by a power of two while
-  keeping both sides >= draft_size: several times faster for large photos that are
-  resized to a small fixed size anyway. The pipeline sets it itself (`for_image_size`),
-  so it never falls below the size that is finally used.
+  keeping both sides >= draft_size (`draft_fit='shorter'`) or the longer side >=
+  draft_size (`draft_fit='longer'`, for fitting the whole image into a canvas): several
+  times faster for large photos that are resized to a small fixed size anyway. The
+  pipeline sets it itself (`for_image_size`), so it never falls below the size that is
+  finally used.
   """
 
   stable_indices = True
 
   def __init__(self, root: str, split: str, strict: bool = False,
-               draft_size: int | None = None):
+               draft_size: int | None = None, draft_fit: str = 'shorter'):
     base, start, stop = _parse_split(split, f'folder:{root}')
-    layout = f'expected layout {os.path.join(root, "SPLIT", "CLASS", "*.jpg|*.jpeg|*.png")}'
+    layout = f'expected layout {os.path.join(root, "SPLIT", "CLASS", "*.jpg|*.png|...")}'
     if not os.path.isdir(root):
       raise UserError(f'folder:{root}: no such directory; {layout}')
     split_dir = os.path.join(root, base)
     if not os.path.isdir(split_dir):
-      existing = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+      existing = _subdirs(root)
       raise UserError(f'folder:{root}: no split {base!r} ({split_dir} is missing); '
                       f'splits found: {", ".join(existing) or "none"}; {layout}')
-    classes = sorted(d for d in os.listdir(split_dir)
-                     if os.path.isdir(os.path.join(split_dir, d)))
+    folders = _subdirs(split_dir)
+    per_class = {cls: _list_images(os.path.join(split_dir, cls)) for cls in folders}
+    empty = [cls for cls in folders if not per_class[cls]]
+    if empty:
+      warnings.warn(f'folder:{root}: class folder(s) of split {base!r} without images '
+                    f'({", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)}), skipped: '
+                    f'{_names(empty)}', stacklevel=2)
+    own = [cls for cls in folders if per_class[cls]]
+    if not own:
+      raise UserError(f'folder:{root}: no images in the class folders of {split_dir} '
+                      f'({len(folders)} class folders found); {layout}')
+    classes, missing_from = self._shared_classes(root, base, own)
+    if missing_from:
+      detail = '; '.join(f'{_names(lack)} not in {other!r}' for other, lack in missing_from.items())
+      warnings.warn(f'folder:{root}: split {base!r} has classes other splits lack ({detail}); '
+                    'labels come from the union of all splits\' classes, so those keep '
+                    'labels of their own (a classifier trained on a split without them '
+                    'cannot predict them)', stacklevel=2)
+    index = {cls: k for k, cls in enumerate(classes)}
     files, labels = [], []
-    for label, cls in enumerate(classes):
-      for f in _list_images(os.path.join(split_dir, cls)):
-        files.append(os.path.join(split_dir, cls, f))
-        labels.append(label)
-    if not files:
-      raise UserError(f'folder:{root}: no images (.jpg, .jpeg, .png) in the class folders of '
-                      f'{split_dir} ({len(classes)} class folders found); {layout}')
+    for cls in own:
+      files.extend(per_class[cls])
+      labels.extend([index[cls]] * len(per_class[cls]))
     keep = _slice_range(split, start, stop, len(files))
     if not len(keep):
       raise UserError(f'folder:{root}: split {split!r} selects none of {len(files)} images')
+    if draft_fit not in ('shorter', 'longer'):
+      raise UserError(f"draft_fit must be 'shorter' or 'longer', got {draft_fit!r}")
     self.root = root
     self.split = split
     self.name = f'folder:{root}'
@@ -370,9 +467,27 @@ class FolderSource:
     self.num_classes = len(classes)
     self.strict = strict
     self.draft_size = draft_size
+    self.draft_fit = draft_fit
     self._files = [files[k] for k in keep]
     self._labels = [labels[k] for k in keep]
     self._log = _CorruptLog()
+
+  @staticmethod
+  def _shared_classes(root: str, base: str, own: list[str]) -> tuple[list[str], dict]:
+    """(sorted union of non-empty classes over all splits, {split: own classes it lacks})."""
+    union, missing_from = set(own), {}
+    for other in _subdirs(root):
+      if other == base:
+        continue
+      other_dir = os.path.join(root, other)
+      theirs = {cls for cls in _subdirs(other_dir) if _has_image(os.path.join(other_dir, cls))}
+      if not theirs:
+        continue  # Not a split of this dataset (no class folders with images).
+      union |= theirs
+      lacking = sorted(set(own) - theirs)
+      if lacking:
+        missing_from[other] = lacking
+    return sorted(union), missing_from
 
   @property
   def num_corrupt(self) -> int:
@@ -383,13 +498,18 @@ class FolderSource:
   def files(self) -> Sequence[str]:
     return tuple(self._files)
 
-  def for_image_size(self, image_size: int) -> 'FolderSource':
-    """A copy that decodes JPEGs at reduced size, still >= image_size on both sides.
+  def for_image_size(self, image_size: int, fit: str = 'shorter') -> 'FolderSource':
+    """A copy that decodes JPEGs at reduced size, still >= image_size.
 
-    The copy shares the file lists and the corrupt-file count with this source.
+    fit='shorter': both sides stay >= image_size (resize + centre crop); fit='longer':
+    only the longer side must (the whole image fitted into a canvas of that side). The
+    copy shares the file lists and the corrupt-file count with this source.
     """
+    if fit not in ('shorter', 'longer'):
+      raise UserError(f"fit must be 'shorter' or 'longer', got {fit!r}")
     other = copy.copy(self)
     other.draft_size = image_size
+    other.draft_fit = fit
     return other
 
   def __len__(self) -> int:
@@ -398,8 +518,16 @@ class FolderSource:
   def _decode(self, path: str) -> np.ndarray:
     with Image.open(path) as img:
       if self.draft_size:
-        img.draft('RGB', (self.draft_size, self.draft_size))
-      return np.asarray(img.convert('RGB'))
+        w, h = img.size
+        size = self.draft_size
+        if self.draft_fit == 'longer':
+          # draft keeps both sides >= the requested ones: request the fitted size.
+          scale = size / max(w, h, 1)
+          request = (math.ceil(w * scale), math.ceil(h * scale))
+        else:
+          request = (size, size)
+        img.draft('RGB', request)
+      return to_rgb8(img)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     n = len(self._files)
