@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay f32)
   c.train.log_every = 50
   c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3         # the newest N checkpoints are kept (>= 1)
+  c.train.on_nonfinite = "stop"        # non-finite loss/gradients: stop | skip (the update)
   c.train.online_probe = True          # linear head on stop-gradient features, if labels
   c.train.progress_bar = True
 
@@ -70,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 _FREE_FORM = ("encoder", "objectives")
+NONFINITE_CHOICES = ("stop", "skip")
 
 
 def validate(config) -> None:
@@ -79,6 +81,16 @@ def validate(config) -> None:
     raise UserError(f"config.train.steps must be >= 1, got {config.train.steps}")
   if config.train.batch_size < 1:
     raise UserError(f"config.train.batch_size must be >= 1, got {config.train.batch_size}")
+  for key, meaning in (("log_every", "log every N steps"),
+                       ("checkpoint_every", "save every N steps"),
+                       ("keep_checkpoints", "keep the newest N checkpoints; 0 would delete "
+                                            "every checkpoint")):
+    value = config.train[key]
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"config.train.{key} must be an integer >= 1 ({meaning}), got {value!r}")
+  if config.train.on_nonfinite not in NONFINITE_CHOICES:
+    raise UserError(f"config.train.on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, "
+                    f"not {config.train.on_nonfinite!r}")
   if config.data.image_size < 8:
     raise UserError(f"config.data.image_size must be >= 8, got {config.data.image_size}")
   if config.train.dtype not in ("float32", "bfloat16"):
