@@ -37,10 +37,14 @@ PEAK_TFLOPS = {
     "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
 }
 
-config_flags.DEFINE_config_file("config", None, "experiment config file [:ARG]", lock_config=True)
-flags.DEFINE_integer("steps", 20, "timed steps (after one warm-up step), >= 1")
-flags.DEFINE_string("data", "synthetic", "synthetic (default: synthetic batches of the config's "
-                    "shape) | config (the config's data.source) | a SOURCE")
+def _define_flags():
+  """Flags exist only when run as a program, so importing this module defines none."""
+  config_flags.DEFINE_config_file("config", None, "experiment config file [:ARG]",
+                                  lock_config=True)
+  flags.DEFINE_integer("steps", 20, "timed steps (after one warm-up step), >= 1")
+  flags.DEFINE_string("data", "synthetic", "synthetic (default: synthetic batches of the "
+                      "config's shape) | config (the config's data.source) | a SOURCE")
+
 
 SYNTHETIC = "synthetic:shapes"
 
@@ -158,4 +162,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run_main(main)

@@ -107,6 +107,21 @@ def validate(config) -> None:
     raise UserError("the objective weights sum to zero; give at least one a positive weight")
 
 
+def check_probe_splits(config) -> None:
+  """With the end-of-run probe on, its splits must exist before training, not after it."""
+  if not config.probe.enabled:
+    return
+  from selfsup import data as data_lib
+  for key in ("train_split", "test_split"):
+    split = config.data[key]
+    try:
+      data_lib.make_source(config.data.source, split, image_size=config.data.image_size,
+                           data_dir=config.data.data_dir or None)
+    except UserError as e:
+      raise UserError(f"config.data.{key}={split!r} (read by the end-of-run probe, "
+                      f"config.probe.enabled=True): {e}") from e
+
+
 def _check_keys(config, reference, prefix):
   for key in config.keys():
     if key not in reference:

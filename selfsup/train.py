@@ -32,8 +32,7 @@ def main(argv):
   distributed.maybe_initialize()
   from selfsup import config as config_lib
   config_lib.validate(config)
-  if config.probe.enabled:
-    _check_probe_splits(config)
+  config_lib.check_probe_splits(config)
   from selfsup import workdir as workdir_lib
   from selfsup.trainer import Trainer
   trainer = Trainer(config, workdir)
@@ -68,20 +67,6 @@ def _line(row: dict) -> str:
   from selfsup.metrics_log import format_line
   return format_line({k: round(v, 6) if isinstance(v, float) else v
                       for k, v in row.items()}).strip()
-
-
-def _check_probe_splits(config) -> None:
-  """The end-of-run probe's splits must exist before hours of training, not after."""
-  from selfsup import data as data_lib
-  from selfsup.errors import UserError
-  for key in ("train_split", "test_split"):
-    split = config.data[key]
-    try:
-      data_lib.make_source(config.data.source, split, image_size=config.data.image_size,
-                           data_dir=config.data.data_dir or None)
-    except UserError as e:
-      raise UserError(f"config.data.{key}={split!r} (used by the end-of-run probe, "
-                      f"config.probe.enabled): {e}") from e
 
 
 if __name__ == "__main__":

@@ -262,6 +262,8 @@ class Trainer:
       rows = read_metrics(self.workdir) if os.path.exists(
           os.path.join(self.workdir, "metrics.jsonl")) else []
       return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+    if self.lock is None and jax.process_index() == 0:
+      self.lock = WorkdirLock.acquire(self.workdir)   # run() again on the same Trainer
     logger = MetricsLogger(self.workdir, total_steps=total, start_step=start,
                            progress_bar=c.train.progress_bar)
     hooked = [(n, t) for n, t in zip(self.model.names, self.model.objectives) if t.has_host_hook]
