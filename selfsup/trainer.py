@@ -292,7 +292,8 @@ class Trainer:
         window_images += c.train.batch_size
         ran += 1
         done = step + 1
-        save_now = done % c.train.checkpoint_every == 0 or done == total or preempted["flag"]
+        stop = preempted["flag"]   # read once: a signal arriving later is seen next step
+        save_now = done % c.train.checkpoint_every == 0 or done == total or stop
         if done % c.train.log_every == 0 or done == total:
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - window_start
@@ -310,7 +311,7 @@ class Trainer:
           return last
         if save_now:
           self.save(done)
-        if preempted["flag"] and done < total:
+        if stop and done < total:
           self.preempted = True
           logger.message(f"SIGTERM: saved step {done} of {total}; the run is incomplete: "
                          "rerun the same command to resume")
