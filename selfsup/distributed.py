@@ -49,5 +49,10 @@ def initialize_with_timeout(expected: str = "?") -> None:
   watchdog.start()
   try:
     jax.distributed.initialize(initialization_timeout=int(timeout) + 60)
+  except (ValueError, RuntimeError) as e:  # e.g. a cluster environment JAX cannot read
+    from selfsup.errors import UserError
+    raise UserError(f"multi-host start-up failed ({launcher} environment, {expected} processes "
+                    f"expected): {' '.join(str(e).split())[:200]}; set SELFSUP_DISTRIBUTED=0 "
+                    "to run as a single process") from e
   finally:
     watchdog.cancel()
