@@ -52,7 +52,14 @@ def extract_features(encoder, variables, images: np.ndarray, batch_size: int = 2
 
 
 def load_encoder(workdir: str, step: int | None = None):
-  """(config, encoder module, variables at the newest or given checkpoint, step)."""
+  """(config, encoder module, variables at the newest readable or given checkpoint, step).
+
+  Without `step`, a damaged newest checkpoint (truncated array file, missing metadata,
+  empty step folder) is skipped with a warning naming it and why, and the newest
+  readable one is used. A given `step` must exist (the error lists those that do).
+  """
+  import sys
+
   import encoders
   from selfsup import checkpoint as ckpt_lib
   from selfsup.workdir import load_config
@@ -61,12 +68,28 @@ def load_encoder(workdir: str, step: int | None = None):
   ckdir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckdir):
     raise UserError(f"{workdir} has no checkpoints/ folder; train first or pass the run's --workdir")
-  checkpointer = ckpt_lib.Checkpointer(ckdir, async_save=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"{ckdir} holds no complete checkpoint")
-  state = checkpointer.restore_state_only(step)
-  checkpointer.close()
+  checkpointer = ckpt_lib.Checkpointer(ckdir, async_save=False, read_only=True)
+  try:
+    if step is None:
+      step, state, skipped = checkpointer.restore_state_newest()
+      if step is None:
+        raise UserError(f"{ckdir} holds no complete checkpoint")
+      for bad, reason in skipped:
+        print(f"warning: skipped damaged checkpoint step {bad} in {ckdir} ({reason}); "
+              f"using step {step}", file=sys.stderr)
+    else:
+      available = checkpointer.steps()
+      if step not in available:
+        raise UserError(f"--step {step}: {ckdir} has no checkpoint for that step; available "
+                        f"steps: {', '.join(map(str, available)) or 'none'}")
+      try:
+        state = checkpointer.restore_state_only(step)
+      except Exception as e:  # noqa: BLE001 - a damaged step the user asked for by name
+        raise UserError(f"--step {step}: the checkpoint cannot be read "
+                        f"({ckpt_lib.short_reason(e)}); other steps: "
+                        f"{', '.join(str(s) for s in available if s != step) or 'none'}") from e
+  finally:
+    checkpointer.close()
   variables = encoder_variables(state)
   expected = jax.eval_shape(lambda: random_init_variables(encoder, config.data.image_size))
   _check_same_structure(expected, variables, config.encoder.name)

@@ -1,4 +1,4 @@
-"""`python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N]`
+"""`python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N] [--data SOURCE]`
 
 Measures the jitted train step of a config on the devices present and prints one JSON
 line: compile time, step time, images/s, FLOPs per step (XLA's cost analysis of the
@@ -8,6 +8,13 @@ The step is timed on one host batch reused (device throughput: the input pipelin
 not in the loop; it runs ahead on the host in training). Peak FLOP/s comes from a table
 of accelerators (dense, for the compute dtype); on CPU it is measured with a large
 matmul, so CPU MFU says how close the step gets to this machine's own matmul speed.
+
+Data: a benchmark of the step needs no real data, so by default the batch is synthetic
+(`synthetic:shapes` rendered at the config's image size and batch size; nothing to
+download, runs on a fresh machine). `--data=config` uses the config's own
+`data.source`; `--data=SOURCE` (e.g. `folder:/data/cifar10`) uses that source. The
+shapes source has its own length, which only matters for objectives whose state grows
+with the dataset (NAT's target table); give the real source to bench those at full size.
 """
 
 import json
@@ -30,8 +37,25 @@ PEAK_TFLOPS = {
     "TPU v5p": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
 }
 
-config_flags.DEFINE_config_file("config", None, "experiment config file [:ARG]", lock_config=True)
-flags.DEFINE_integer("steps", 20, "timed steps (after one warm-up step)")
+def _define_flags():
+  """Flags exist only when run as a program, so importing this module defines none."""
+  config_flags.DEFINE_config_file("config", None, "experiment config file [:ARG]",
+                                  lock_config=True)
+  flags.DEFINE_integer("steps", 20, "timed steps (after one warm-up step), >= 1")
+  flags.DEFINE_string("data", "synthetic", "synthetic (default: synthetic batches of the "
+                      "config's shape) | config (the config's data.source) | a SOURCE")
+
+
+SYNTHETIC = "synthetic:shapes"
+
+
+def with_data(config, data: str):
+  """The config with the data source the benchmark uses (see the module docstring)."""
+  if data == "synthetic":
+    config.data.source = SYNTHETIC
+  elif data != "config":
+    config.data.source = data
+  return config
 
 
 def device_peak_flops(dtype: str) -> tuple[float, str]:
@@ -79,11 +103,14 @@ def step_flops(lowered, compiled) -> float:
 
 
 def benchmark(config, steps: int = 20) -> dict:
+  from selfsup.errors import UserError
   from selfsup.trainer import Trainer
+  if steps < 1:
+    raise UserError(f"--steps must be >= 1 (timed steps), got {steps}")
   trainer = Trainer(config, None)
   batch = trainer.shard_batch(next(trainer.iterator))
   t0 = time.perf_counter()
-  lowered = trainer._step_fn.lower(trainer.state, batch)
+  lowered = trainer.step_fn.lower(trainer.state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   flops = step_flops(lowered, compiled)
@@ -115,6 +142,7 @@ def benchmark(config, steps: int = 20) -> dict:
       "mfu": round(flops / step_s / (peak * n_dev), 4),
       "loss": float(metrics["loss"]),
       "steps": steps,
+      "data": config.data.source,
   }
 
 
@@ -123,11 +151,16 @@ def main(argv):
   from selfsup.errors import UserError
   config = flags.FLAGS.config
   if config is None:
-    raise UserError("usage: python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N]")
+    raise UserError("usage: python -m selfsup.bench --config experiments/NAME.py[:ARG] "
+                    "[--steps N] [--data synthetic|config|SOURCE]")
+  if flags.FLAGS.steps < 1:
+    raise UserError(f"--steps must be >= 1 (timed steps), got {flags.FLAGS.steps}")
   config.unlock()
   config.train.progress_bar = False
+  with_data(config, flags.FLAGS.data)
   print(json.dumps(benchmark(config, flags.FLAGS.steps)))
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run_main(main)

@@ -17,6 +17,13 @@ def run_main(main, argv=None):
   argv = list(sys.argv if argv is None else argv)
   try:
     rest = flags.FLAGS(argv)
+    _check_config_files()
+  except OSError as e:  # a missing config file, met while applying --config.KEY overrides
+    if "config" not in str(e):
+      raise
+    _fail(_config_load_error("config", e))
+  except SyntaxError as e:  # a config file that is not valid Python
+    _fail(f"config file {e.filename}: syntax error on line {e.lineno}: {e.msg}; fix the file")
   except flags.Error as e:
     _fail(str(e).splitlines()[0])
   except UserError as e:  # raised while loading the config file (e.g. an unknown objective)
@@ -43,6 +50,21 @@ def run_main(main, argv=None):
     _fail(str(e))
   except KeyboardInterrupt:
     _fail("interrupted")
+
+
+def _check_config_files():
+  """ml_collections defers a missing config file's error to the first access: fail now."""
+  for name in list(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if type(value).__name__ == "_ErrorConfig":
+      _fail(_config_load_error(name, object.__getattribute__(value, "_error")))
+
+
+def _config_load_error(name: str, error: Exception) -> str:
+  found = re.search(r"\[Errno \d+\] ([^:]+): '([^']*)'", str(error))
+  detail = f"{found.group(2)}: {found.group(1)}" if found else " ".join(str(error).split())
+  return (f"cannot load the config file --{name} ({detail}); pass an existing "
+          "experiments/NAME.py[:ARG]")
 
 
 def _fail(message: str):

@@ -40,7 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay f32)
   c.train.log_every = 50
   c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3         # the newest N checkpoints are kept (>= 1)
+  c.train.on_nonfinite = "stop"        # non-finite loss/gradients: stop | skip (the update)
   c.train.online_probe = True          # linear head on stop-gradient features, if labels
   c.train.progress_bar = True
 
@@ -75,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 _FREE_FORM = ("encoder", "objectives")
+NONFINITE_CHOICES = ("stop", "skip")
 
 
 def validate(config) -> None:
@@ -84,6 +86,16 @@ def validate(config) -> None:
     raise UserError(f"config.train.steps must be >= 1, got {config.train.steps}")
   if config.train.batch_size < 1:
     raise UserError(f"config.train.batch_size must be >= 1, got {config.train.batch_size}")
+  for key, meaning in (("log_every", "log every N steps"),
+                       ("checkpoint_every", "save every N steps"),
+                       ("keep_checkpoints", "keep the newest N checkpoints; 0 would delete "
+                                            "every checkpoint")):
+    value = config.train[key]
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"config.train.{key} must be an integer >= 1 ({meaning}), got {value!r}")
+  if config.train.on_nonfinite not in NONFINITE_CHOICES:
+    raise UserError(f"config.train.on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, "
+                    f"not {config.train.on_nonfinite!r}")
   if config.data.image_size < 8:
     raise UserError(f"config.data.image_size must be >= 8, got {config.data.image_size}")
   if config.data.source_size and config.data.source_size < config.data.image_size:
@@ -107,6 +119,21 @@ def validate(config) -> None:
     total += weight
   if total <= 0:
     raise UserError("the objective weights sum to zero; give at least one a positive weight")
+
+
+def check_probe_splits(config) -> None:
+  """With the end-of-run probe on, its splits must exist before training, not after it."""
+  if not config.probe.enabled:
+    return
+  from selfsup import data as data_lib
+  for key in ("train_split", "test_split"):
+    split = config.data[key]
+    try:
+      data_lib.make_source(config.data.source, split, image_size=config.data.image_size,
+                           data_dir=config.data.data_dir or None)
+    except UserError as e:
+      raise UserError(f"config.data.{key}={split!r} (read by the end-of-run probe, "
+                      f"config.probe.enabled=True): {e}") from e
 
 
 def _check_keys(config, reference, prefix):

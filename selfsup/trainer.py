@@ -1,13 +1,25 @@
 """The trainer: build everything from a config, then run the jitted step in a loop.
 
-`Trainer(config, workdir)` builds the mesh, data source and pipeline, encoder,
-objectives, optimizer and the sharded train state (restored from the newest complete
-checkpoint in `workdir` when there is one). `train_step(state, batch)` is one pure
-function, jitted with donated state: augmentation, encoder, heads, loss, gradients,
-optimizer update, objectives' post-update. `Trainer.run()` loops, logs, runs host hooks
-and checkpoints (also on SIGTERM, for preemption).
+`Trainer(config, workdir)` checks and locks the workdir, then builds the mesh, data
+source and pipeline, encoder, objectives, optimizer and the sharded train state (restored
+from the newest readable checkpoint in `workdir` when there is one; damaged newer ones
+are moved aside with a message). `train_step(state, batch, *, model, tx, lr_schedule)`
+is one module-level pure function: augmentation, encoder, heads, loss, gradients,
+optimizer update, objectives' post-update. The trainer binds it with `functools.partial`
+and jits it with donated state as `Trainer.step_fn` (the bench times the same function).
+`Trainer.run()` loops, logs, runs host hooks and checkpoints (also on SIGTERM, for
+preemption).
+
+Divergence: the step checks on the device that the loss, the gradients and the updated
+parameters are finite; if not, it keeps the previous parameters, optimizer and
+objective state (the update is not applied) and counts the step. The host reads the
+count only where it syncs anyway (logging, checkpoints): `train.on_nonfinite=stop` ends
+the run there with one line, before any save; `skip` carries on and logs
+`nonfinite_steps`, and stops only after MAX_CONSECUTIVE_SKIPS non-finite steps in a row.
+So no checkpoint ever holds a non-finite value.
 """
 
+import functools
 import os
 import signal
 import time
@@ -23,9 +35,74 @@ from selfsup import config as config_lib
 from selfsup import data as data_lib
 from selfsup import optim, sharding
 from selfsup.errors import UserError
-from selfsup.metrics_log import MetricsLogger
+from selfsup.metrics_log import MetricsLogger, read_metrics
 from selfsup.model import build_model
-from selfsup.workdir import check_workdir_config, save_config
+from selfsup.workdir import (WorkdirLock, check_workdir_config, prepare_workdir,
+                             save_config)
+
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+class NonFiniteError(UserError):
+  """The loss or the gradients stopped being finite (the run diverged)."""
+
+
+def train_step(state, batch, *, model, tx, lr_schedule):
+  """One optimisation step: (state, batch) -> (new state, metrics, host outputs).
+
+  Pure; bound to a model, optimizer and schedule with functools.partial and jitted by the
+  Trainer. A step whose loss, gradients or updated parameters are not finite leaves the
+  state as it was (apart from the step counter) and sets metrics["nonfinite"] = 1.
+  """
+  step = state["step"]
+  rng = jax.random.fold_in(state["rng"], step)
+
+  def loss_fn(params):
+    variables = {"params": params, "batch_stats": state["batch_stats"],
+                 "objective_state": state["objective_state"]}
+    (loss, metrics, host), updates = model.apply(
+        variables, batch, train=True, step=step, rngs={"augment": rng},
+        mutable=["batch_stats", "objective_state"])
+    return loss, (metrics, host, updates)
+
+  grads, (metrics, host, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
+  param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], param_updates)
+  objective_state = dict(updates.get("objective_state", state["objective_state"]))
+  for name, template in zip(model.names, model.objectives):
+    if name in objective_state:
+      objective_state[name] = template.post_update(objective_state[name], params, step)
+  metrics = dict(metrics)
+  metrics["loss"] = metrics["pretext_loss"]
+  metrics["lr"] = lr_schedule(step)
+  grad_norm = optax.global_norm(grads)
+  metrics["grad_norm"] = grad_norm
+  metrics["param_norm"] = optax.global_norm(params["encoder"])
+  # Three scalar reductions: cheap next to the step, and no host sync.
+  finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            & jnp.isfinite(optax.global_norm(params)))
+  metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
+
+  def keep_if_finite(new, old):
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  new_state = {
+      "step": step + 1,
+      "params": keep_if_finite(params, state["params"]),
+      "batch_stats": keep_if_finite(updates.get("batch_stats", state["batch_stats"]),
+                                    state["batch_stats"]),
+      "objective_state": keep_if_finite(objective_state, state["objective_state"]),
+      "opt_state": keep_if_finite(opt_state, state["opt_state"]),
+      "rng": state["rng"]}
+  return new_state, metrics, host
+
+
+@jax.jit
+def _count_nonfinite(counts, nonfinite):
+  """(since the last check, in a row, total) counters, updated on the device."""
+  window, streak, total = counts
+  return (window + nonfinite, jnp.where(nonfinite > 0, streak + 1, 0), total + nonfinite)
+
 
 class Trainer:
   def __init__(self, config, workdir: str | None, *, devices=None,
@@ -34,8 +111,29 @@ class Trainer:
     config_lib.validate(config)
     self.config = config
     self.workdir = workdir
+    self.lock = None
+    self.preempted = False      # run() stopped on SIGTERM before train.steps
+    self.skipped_checkpoints = []
     if workdir is not None:
-      check_workdir_config(workdir, config)
+      prepare_workdir(workdir)
+      if jax.process_index() == 0:
+        self.lock = WorkdirLock.acquire(workdir)
+      try:
+        check_workdir_config(workdir, config)
+        self._build(config, workdir, devices, async_checkpoints)
+      except BaseException:
+        self.close()
+        raise
+    else:
+      self._build(config, workdir, devices, async_checkpoints)
+
+  def close(self) -> None:
+    """Releases the workdir lock (also done at the end of run())."""
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None
+
+  def _build(self, config, workdir, devices, async_checkpoints):
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices)
     data_ways = self.mesh.shape["data"]
     if config.train.batch_size % data_ways:
@@ -68,13 +166,18 @@ class Trainer:
       self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                 keep=config.train.keep_checkpoints,
                                                 async_save=async_checkpoints)
-      latest = self.checkpointer.latest_step()
-      if latest is not None:
-        self.state, data_state = self.checkpointer.restore(
-            latest, ckpt_lib.abstract_like(self.state))
+      step, state, data_state, skipped = self.checkpointer.restore_newest(
+          ckpt_lib.abstract_like(self.state))
+      self.skipped_checkpoints = skipped
+      for bad, reason in skipped:
+        optim.warn(f"checkpoint step {bad} in {self.checkpointer.directory} is damaged "
+                   f"({reason}); moved it to {self.checkpointer.directory}.damaged/ and "
+                   f"resumed from step {step}")
+      if step is not None:
+        self.state = state
         data_lib.restore_iterator_state(self.iterator, data_state["iterator"])
       save_config(workdir, config)
-    self._step_fn = self._make_step()
+    self.step_fn = self._make_step()
 
   # ---- state -----------------------------------------------------------------------
   def _dummy_batch(self, n):
@@ -123,41 +226,11 @@ class Trainer:
 
   # ---- the step --------------------------------------------------------------------
   def _make_step(self):
-    model, tx, lr_schedule = self.model, self.tx, self.lr_schedule
-
-    def train_step(state, batch):
-      step = state["step"]
-      rng = jax.random.fold_in(state["rng"], step)
-
-      def loss_fn(params):
-        variables = {"params": params, "batch_stats": state["batch_stats"],
-                     "objective_state": state["objective_state"]}
-        (loss, metrics, host), updates = model.apply(
-            variables, batch, train=True, step=step, rngs={"augment": rng},
-            mutable=["batch_stats", "objective_state"])
-        return loss, (metrics, host, updates)
-
-      grads, (metrics, host, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
-      param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], param_updates)
-      objective_state = dict(updates.get("objective_state", state["objective_state"]))
-      for name, template in zip(model.names, model.objectives):
-        if name in objective_state:
-          objective_state[name] = template.post_update(objective_state[name], params, step)
-      metrics = dict(metrics)
-      metrics["loss"] = metrics["pretext_loss"]
-      metrics["lr"] = lr_schedule(step)
-      metrics["grad_norm"] = optax.global_norm(grads)
-      metrics["param_norm"] = optax.global_norm(params["encoder"])
-      new_state = {
-          "step": step + 1, "params": params,
-          "batch_stats": updates.get("batch_stats", state["batch_stats"]),
-          "objective_state": objective_state, "opt_state": opt_state, "rng": state["rng"]}
-      return new_state, metrics, host
-
+    """The jitted step: train_step bound to this model/optimizer, state donated."""
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    return jax.jit(train_step, donate_argnums=(0,),
-                   out_shardings=(self.state_shardings, None, None))
+    step = functools.partial(train_step, model=self.model, tx=self.tx,
+                             lr_schedule=self.lr_schedule)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(self.state_shardings, None, None))
 
   def shard_batch(self, batch: dict) -> dict:
     keep = {k: v for k, v in batch.items() if k in ("image", "label", "index", "valid")}
@@ -166,15 +239,17 @@ class Trainer:
 
   def train_step(self, batch):
     """One step on a host batch; returns the metrics (device arrays) and host outputs."""
-    self.state, metrics, host = self._step_fn(self.state, self.shard_batch(batch))
+    self.state, metrics, host = self.step_fn(self.state, self.shard_batch(batch))
     return metrics, host
 
   # ---- the loop --------------------------------------------------------------------
   def run(self, *, stop_after: int | None = None) -> dict:
     """Trains to config.train.steps; returns the last logged metrics.
 
-    stop_after: stop (without a final checkpoint, as a crash would) once this many steps
-    ran in this call; used to test resumption.
+    On a finished run this trains nothing and returns the last row of metrics.jsonl
+    (`self.finished_before` tells the caller). After SIGTERM it saves, stops, and sets
+    `self.preempted`. stop_after: stop (without a final checkpoint, as a crash would)
+    once this many steps ran in this call; used to test resumption.
     """
     if self.workdir is None:
       raise ValueError("Trainer.run needs a workdir (metrics and checkpoints go there); "
@@ -182,6 +257,15 @@ class Trainer:
     c = self.config
     total = c.train.steps
     start = int(jax.device_get(self.state["step"]))
+    self.start_step = start
+    self.finished_before = start >= total
+    if self.finished_before:
+      self.close()
+      rows = read_metrics(self.workdir) if os.path.exists(
+          os.path.join(self.workdir, "metrics.jsonl")) else []
+      return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+    if self.lock is None and jax.process_index() == 0:
+      self.lock = WorkdirLock.acquire(self.workdir)   # run() again on the same Trainer
     logger = MetricsLogger(self.workdir, total_steps=total, start_step=start,
                            progress_bar=c.train.progress_bar)
     hooked = [(n, t) for n, t in zip(self.model.names, self.model.objectives) if t.has_host_hook]
@@ -196,36 +280,80 @@ class Trainer:
     last = {}
     window_start, window_images = time.perf_counter(), 0
     ran = 0
+    zero = jnp.zeros((), jnp.int32)
+    counts = (zero, zero, zero)
+    self._checked = start
+    failing = True
     try:
       for step in range(start, total):
         batch = next(self.iterator)
         metrics, host = self.train_step(batch)
+        counts = _count_nonfinite(counts, metrics["nonfinite"])
         if hooked:
           self._run_host_hooks(hooked, host, step, ctx)
         window_images += c.train.batch_size
         ran += 1
         done = step + 1
+        stop = preempted["flag"]   # read once: a signal arriving later is seen next step
+        save_now = done % c.train.checkpoint_every == 0 or done == total or stop
         if done % c.train.log_every == 0 or done == total:
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - window_start
-          last = {k: float(v) for k, v in metrics.items()}
+          last = {k: float(v) for k, v in metrics.items() if k != "nonfinite"}
           last["images_per_s"] = window_images / max(elapsed, 1e-9)
+          last["nonfinite_steps"] = int(counts[0])
           logger.log(done, last)
           window_start, window_images = time.perf_counter(), 0
+          counts = self._check_nonfinite(done, counts, logger)
+        elif save_now:
+          counts = self._check_nonfinite(done, counts, logger)
         logger.advance(done)
         if stop_after is not None and ran >= stop_after:
+          failing = False
           return last
-        if done % c.train.checkpoint_every == 0 or done == total or preempted["flag"]:
+        if save_now:
           self.save(done)
-        if preempted["flag"]:
-          logger.message(f"SIGTERM: saved step {done}; rerun the same command to resume")
+        if stop and done < total:
+          self.preempted = True
+          logger.message(f"SIGTERM: saved step {done} of {total}; the run is incomplete: "
+                         "rerun the same command to resume")
           break
+      failing = False
     finally:
-      self.checkpointer.wait()
-      logger.close()
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+      try:
+        self.checkpointer.wait()
+      except Exception:  # noqa: BLE001 - do not hide the error already on its way out
+        if not failing:
+          raise
+      finally:
+        logger.close()
+        self.close()
+        if previous is not None:
+          signal.signal(signal.SIGTERM, previous)
     return last
+
+  def _check_nonfinite(self, done, counts, logger):
+    """Reads the device counters (where the loop syncs anyway); stops or warns."""
+    window, streak, total = (int(x) for x in jax.device_get(counts))
+    since, self._checked = self._checked, done
+    if not window:
+      return counts
+    mode = self.config.train.on_nonfinite
+    if mode == "stop" or streak >= MAX_CONSECUTIVE_SKIPS:
+      self.checkpointer.wait()
+      newest = self.checkpointer.latest_step()
+      kept = f"the newest checkpoint is step {newest}" if newest is not None else "no checkpoint"
+      why = ("train.on_nonfinite=stop" if mode == "stop" else
+             f"{streak} non-finite steps in a row with train.on_nonfinite=skip")
+      raise NonFiniteError(
+          f"the run diverged: non-finite loss or gradients in {window} of steps "
+          f"{since + 1}-{done} (stopped: {why}); those updates were not applied and "
+          f"{kept}, with finite values; lower optimizer.lr (now {self.config.optimizer.lr}) "
+          "or set optimizer.grad_clip, then rerun"
+          + (", or set train.on_nonfinite=skip to skip such steps" if mode == "stop" else ""))
+    logger.message(f"warning: skipped {window} step(s) with non-finite loss or gradients in "
+                   f"steps {since + 1}-{done} (train.on_nonfinite=skip; {total} so far)")
+    return (jnp.zeros_like(counts[0]),) + tuple(counts[1:])
 
   def save(self, step: int) -> None:
     self.checkpointer.save(

@@ -104,13 +104,28 @@ def test_metrics_jsonl_has_the_contract_fields(tmp_path):
   assert os.path.exists(tmp_path / "config.json")
 
 
+def test_step_compiles_once_over_several_steps(monkeypatch):
+  import chex
+
+  from selfsup import trainer as trainer_lib
+  monkeypatch.setattr(trainer_lib, "train_step",
+                      chex.assert_max_traces(trainer_lib.train_step, n=1))
+  t = Trainer(tiny_config("rotation", steps=3), None)
+  for _ in range(3):
+    metrics, _ = t.train_step(next(t.iterator))
+  assert np.isfinite(float(metrics["loss"]))
+  assert t.step_fn._cache_size() == 1
+
+
 def test_sigterm_saves_and_the_rerun_continues(tmp_path):
+  # The end-of-run probe is on: after SIGTERM it must not run on the partial model.
   workdir = str(tmp_path / "run")
   args = ["-m", "selfsup.train", "--config", "experiments/quickstart.py:rotation",
           "--workdir", workdir, "--config.train.steps=100000", "--config.train.log_every=1",
           "--config.train.batch_size=8", "--config.data.image_size=16",
           "--config.train.checkpoint_every=100000", "--config.train.progress_bar=False",
-          "--config.probe.enabled=False"]
+          "--config.probe.enabled=True", "--config.probe.train_examples=64",
+          "--config.probe.test_examples=32"]
   env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -121,9 +136,11 @@ def test_sigterm_saves_and_the_rerun_continues(tmp_path):
       break
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
+  out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
-  assert "SIGTERM" in err
+  assert "SIGTERM" in err and "run incomplete" in err and "probe was not run" in err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["finished"] is False and "probe_top1" not in result
   last = read_metrics(workdir)[-1]["step"]
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps and steps[-1] == last
