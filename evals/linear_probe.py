@@ -106,6 +106,7 @@ class ProbeData:
   subset_seed: int = 0          # the seeded random subset of --max_train / --max_test
   batch_size: int = 256         # global extraction batch (rounded to the device count)
   num_workers: int = 0          # grain decoding processes
+  crop_fraction: float = 1.0    # evaluation centre crop (the run's data.eval_crop_fraction)
 
   def check(self) -> None:
     check_max_examples("max_train", self.max_train)
@@ -179,7 +180,8 @@ def probe_encoder(encoder, variables, data: ProbeData, *, feature_fn=None, featu
     key = None
     if cache_dir:
       key = dict(cache_key or {}, dataset=data.dataset, split=split, max_examples=limit,
-                 subset_seed=data.subset_seed, image_size=data.image_size, features=features,
+                 subset_seed=data.subset_seed, image_size=data.image_size,
+                 crop_fraction=data.crop_fraction, features=features,
                  data_dir=data.data_dir)
       cached = stream.load_cached(stream.cache_path(cache_dir, **key))
       if cached is not None:
@@ -190,7 +192,7 @@ def probe_encoder(encoder, variables, data: ProbeData, *, feature_fn=None, featu
     x, y = stream.stream_features(
         feature_fn, variables, source, image_size=data.image_size, batch_size=data.batch_size,
         max_examples=limit, seed=data.subset_seed, num_workers=data.num_workers,
-        nonfinite_message=message)
+        crop_fraction=data.crop_fraction, nonfinite_message=message)
     if key is not None:
       x = stream.save_cached(stream.cache_path(cache_dir, **key), x, y, key)
     splits[part] = (x, y)
@@ -218,6 +220,7 @@ def probe_checkpoint(checkpoint: str, dataset: str, *, train_split="train", test
   data.check()
   config, encoder, variables, step = features_lib.load_encoder(checkpoint, step)
   data.image_size = size = config.data.image_size
+  data.crop_fraction = float(config.data.get("eval_crop_fraction", 1.0))
   if random_init:
     variables = features_lib.random_init_variables(encoder, size, seed=seed)
     hint = "; the random-init encoder itself produces them"
@@ -260,7 +263,8 @@ def trainer_probe_data(config) -> ProbeData:
   """The end-of-run probe's examples for a training config (`config.probe`)."""
   c = config
   return ProbeData(c.data.source, c.data.image_size, c.data.train_split, c.data.test_split,
-                   c.probe.train_examples, c.probe.test_examples, c.data.data_dir or None)
+                   c.probe.train_examples, c.probe.test_examples, c.data.data_dir or None,
+                   crop_fraction=float(c.data.eval_crop_fraction))
 
 
 def probe_trainer(trainer, *, random_init_too: bool = True) -> dict:

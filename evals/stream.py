@@ -65,7 +65,7 @@ class _Positions:
 def image_features(encoder) -> Callable:
   """(variables, uint8 images) -> pooled features of whole normalised images."""
   def fn(variables, images):
-    x = augment.normalize(augment.to_float(images))
+    x = augment.eval_view(images)
     return encoder.apply(variables, x, train=False).pooled
   return fn
 
@@ -96,7 +96,7 @@ def _jitted(feature_fn: Callable, mesh):
 
 def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
                     batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
-                    num_workers: int = 0, devices=None,
+                    num_workers: int = 0, devices=None, crop_fraction: float = 1.0,
                     nonfinite_message: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Features and labels of a source, extracted batch by batch.
 
@@ -106,6 +106,8 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
     variables: the encoder's variables (replicated over the devices).
     source: a random-access source (`selfsup.data.make_source`).
     image_size: evaluation image size (resize the shorter side + centre crop).
+    crop_fraction: the centre crop's side over the resized shorter side (0.875 for
+      ImageNet-style data, 1.0 for 32 px data; the run's `config.data.eval_crop_fraction`).
     batch_size: global batch; rounded up to a multiple of the device count.
     max_examples: a seeded random subset of this many examples (None: all).
     seed: the subset's seed (the same subset as `load_arrays`).
@@ -147,7 +149,7 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
     iterator = data_lib.make_pipeline(
         _Positions(source, mine), batch_size=local_batch, image_size=image_size, seed=0,
         shuffle=False, num_epochs=1, drop_remainder=False, num_workers=num_workers,
-        process_index=0, process_count=1)
+        crop_fraction=crop_fraction, process_index=0, process_count=1)
 
   features = None
   labels = np.zeros((n,), np.int32)
