@@ -58,7 +58,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from objectives.base import MLP, Objective, ObjectiveOutput
+from objectives.base import MLP, Objective, ObjectiveOutput, require_negatives
 from selfsup import augment
 from selfsup.errors import UserError
 
@@ -192,8 +192,10 @@ class Counting(Objective):
   count_bn: bool = True
   dtype: Any = jnp.float32
 
-  def validate(self, *, image_size, dataset):
+  def validate(self, *, image_size, dataset, batch_size=0):
     del dataset
+    # y is another image of the batch (a roll by one): with one image y would be x.
+    require_negatives("counting", batch_size)
     tile = self.tile_size or image_size // 2
     if tile < 4:
       raise UserError(f"counting: tile_size={self.tile_size} with image_size={image_size} "
