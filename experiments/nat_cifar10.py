@@ -5,8 +5,9 @@
     python -m evals.linear_probe --checkpoint runs/nat_c10 --dataset folder:/data/cifar10
 
 Recipe (the paper's, carried over from ImageNet): one fixed target per training image on
-the unit sphere of the feature size (d = 512, the pooled ResNet-18 features, no
-projection), square loss to the assigned target, Hungarian reassignment within each batch
+the unit sphere, d = 512, matched by a linear projection of the pooled ResNet-18 features
+(the paper's final linear layer; without it the non-negative pooled features cannot
+reach half of each target, see objectives/nat.py "Projection"), square loss to the assigned target, Hungarian reassignment within each batch
 on every third epoch, plain SGD (no momentum) lr 0.01 constant, batch 256. Views: light
 crop + flip, in grayscale (stands in for the paper's Sobel input layer, which removes
 colour; a Sobel layer itself would change the encoder's input for every evaluation).
@@ -25,7 +26,7 @@ from selfsup.config import cifar10_config, objective, set_epochs
 def get_config(arg: str = ""):
   del arg
   c = cifar10_config()
-  c.objectives = {"nat": objective("nat", 1.0, proj_dim=0, reassign_every_epochs=3,
+  c.objectives = {"nat": objective("nat", 1.0, proj_dim=512, reassign_every_epochs=3,
                                    crop_scale=(0.5, 1.0), flip_prob=0.5)}
   set_epochs(c, epochs=200, batch=256, dataset="cifar10")
   c.optimizer.name = "sgd"

@@ -12,14 +12,25 @@ stays a permutation of the whole target table.
 
 In this module, top to bottom:
 - view: one light random crop + flip per image, in grayscale (`grayscale_prob=1`);
-- head: optional linear projection of the pooled features (`proj_dim`; the paper aligns
-  the features themselves), then L2 normalisation;
+- head: a linear projection of the pooled features (`proj_dim`, default 128; 0 aligns
+  the pooled features themselves), then L2 normalisation (see "Projection" below);
 - loss: mean squared distance ||z - c||^2 = 2 - 2 z.c to the assigned target;
 - state: `targets` (dataset_size, d) and `assignment` (dataset_size,) in the
   `objective_state` collection (checkpointed; sharded over `data` by the trainer);
 - host hook: the batch reassignment (`scipy.optimize.linear_sum_assignment`, cost -z.c),
   on reassignment epochs (every `reassign_every_epochs`, 3 in the paper) or every
   `reassign_every_steps` steps when that is set (short runs).
+
+Projection (on by default): the pooled features of our encoders come out of a ReLU and
+an average pool, so they are non-negative, while the targets are isotropic on the sphere.
+A non-negative unit vector z and a target c uniform on the sphere have z.c <= ||c_+||
+(the norm of c's positive part), about 1/sqrt(2) = 0.71 in high dimension, so with
+`proj_dim=0` the loss 2 - 2 z.c cannot fall below about 0.59 and about half of every
+target cannot be matched. In the paper the aligned representation is the output of the
+network's last layer, which is a linear (fully connected) layer, not a rectified pooled
+map (AlexNet in the paper: features on the l2 sphere after the final linear layer); a
+linear layer on the pooled features is the same construction here and lets z reach any
+point of the sphere.
 
 Differences from the paper, on purpose: the reassignment runs after the step that
 computed the batch's features (the paper solves it before that step's gradient, with the
@@ -105,7 +116,9 @@ class NoiseAsTargets(Objective):
   """Align L2-normalised features to fixed random targets, one per training image."""
   image_size: int = 32
   dataset_size: int = 0            # filled in by the trainer: the training set size
-  proj_dim: int = 0                # 0: the features themselves (paper); > 0: a linear layer
+  # > 0: a linear layer to this size before the L2 normalisation (the paper's final linear
+  # layer, see "Projection"); 0: the pooled, non-negative features themselves.
+  proj_dim: int = 128
   target_dim: int = 0              # d; 0: the size of the (projected) features
   reassign_every_epochs: int = 3   # paper: every 3 epochs
   reassign_every_steps: int = 0    # > 0 overrides the epochs: every this many steps
@@ -122,8 +135,8 @@ class NoiseAsTargets(Objective):
   needs_stable_indices = True
   has_host_hook = True
 
-  def validate(self, *, image_size, dataset):
-    del image_size
+  def validate(self, *, image_size, dataset, batch_size=0):
+    del image_size, batch_size
     if len(dataset) < 1:
       raise UserError("objective nat needs a non-empty training set (one target per image)")
     for name in ("proj_dim", "target_dim", "reassign_every_steps"):
