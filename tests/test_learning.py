@@ -46,3 +46,24 @@ def test_objective_beats_random_init(spec, cifar10, tmp_path):
   baseline, trained = _compare([spec], cifar10, tmp_path)
   assert baseline["objectives"] == "random-init"
   assert trained["probe_top1"] > baseline["probe_top1"] + 1.0, (trained, baseline)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "caltech101"])
+def test_counting_beats_random_init_at_the_quickstart_settings(dataset, cifar10, tmp_path):
+  """Counting with the tiny CNN of the quickstart (300 steps, 32 px) on real photographs.
+
+  Caltech-101 comes from $SELFSUP_CALTECH101 (a folder with train/ and test/)."""
+  from evals.linear_probe import probe_trainer
+  from experiments.quickstart import get_config
+  from selfsup.trainer import Trainer
+  folder = cifar10 if dataset == "cifar10" else os.environ.get("SELFSUP_CALTECH101")
+  if not folder:
+    pytest.skip("no Caltech-101: set SELFSUP_CALTECH101")
+  c = get_config("counting")
+  c.data.source = f"folder:{folder}"
+  c.train.progress_bar = False
+  c.probe.enabled = False
+  trainer = Trainer(c, str(tmp_path))
+  trainer.run()
+  result = probe_trainer(trainer)
+  assert result["probe_top1"] > result["random_init_probe_top1"] + 2.0, result
