@@ -58,6 +58,12 @@ CIFAR-10 JPEG folders, probe 5,000 / 2,000 images;
 | BN without scale, M = 100 (0.1 per count) | 0.22 / 0.48 / 0.66 | 34.70 | 33.95 |
 | BN with learned scale from 0.05, M = 10 (default) | 0.83 / 0.54 / 0.43 | 40.35 | 33.95 |
 
+On Caltech-101 at the same settings (`--config.data.source=folder:/work/data/caltech101`,
+102 classes, probe on all 3,060 training / 2,000 test images at 32 px) counting does
+not beat the random-init probe yet: 21.30 with the default (hinge active 0.73 / 0.51 /
+0.51 at steps 25 / 100 / 300) and 17.75 with the unscaled BatchNorm (0.03 / 0.27 /
+0.23), against 21.70 random-init.
+
 (`hinge_active` is the share of pairs (x, y) with ||phi(D y) - sum phi(T x)||^2 < M,
 logged as `counting/hinge_active` every logging step, with `counting/count_sq`, the mean
 ||phi(D x)||^2, which would fall to 0 on collapse: 1.5 at step 25, 9.5 at step 300 with
