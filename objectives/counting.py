@@ -62,7 +62,8 @@ On Caltech-101 at the same settings (`--config.data.source=folder:/work/data/cal
 102 classes, probe on all 3,060 training / 2,000 test images at 32 px) counting does
 not beat the random-init probe yet: 21.30 with the default (hinge active 0.73 / 0.51 /
 0.51 at steps 25 / 100 / 300) and 17.75 with the unscaled BatchNorm (0.03 / 0.27 /
-0.23), against 21.70 random-init.
+0.23), against 21.70 random-init; other starting scales do no better there (0.1: 20.35,
+0.02: 19.00).
 
 (`hinge_active` is the share of pairs (x, y) with ||phi(D y) - sum phi(T x)||^2 < M,
 logged as `counting/hinge_active` every logging step, with `counting/count_sq`, the mean
