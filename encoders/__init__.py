@@ -17,9 +17,10 @@ from selfsup.errors import UserError, unknown_name
 
 
 def _resnet(depth):
-  def build(dtype, width_multiplier=1.0, cifar_stem=False):
+  def build(dtype, width_multiplier=1.0, cifar_stem=False, zero_init_residual=True):
     return ResNet(depth=depth, width_multiplier=float(width_multiplier),
-                  cifar_stem=bool(cifar_stem), dtype=dtype)
+                  cifar_stem=bool(cifar_stem), dtype=dtype,
+                  zero_init_residual=bool(zero_init_residual))
   return build
 
 

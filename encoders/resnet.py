@@ -5,6 +5,12 @@ CIFAR stem (3x3 conv, stride 1, no max-pool) used by SimCLR/solo-learn on 32x32 
 With a `mask` (B, h, w) of visible positions, every conv output is re-masked and
 BatchNorm statistics use visible positions only: the dense emulation of sparse
 convolution that SparK relies on.
+
+`zero_init_residual` (on by default, for training): the last BatchNorm of every residual
+block starts with scale 0, so each block starts as the identity (Goyal et al. 2017). A
+network initialised that way and never trained is effectively its stem plus the
+projection shortcuts, so the random-init baseline (`evals.features.random_init_variables`)
+builds the same architecture with it off: every BatchNorm scale 1, the standard init.
 """
 
 from functools import partial
@@ -58,12 +64,13 @@ class BasicBlock(nn.Module):
   stride: int
   train: bool
   dtype: Any
+  zero_init_residual: bool = True
 
   @nn.compact
   def __call__(self, x, mask):
     layer = partial(_Masked, train=self.train, dtype=self.dtype)
     y = layer(self.features, 3, self.stride, True)(x, mask)
-    y = layer(self.features, 3, 1, False, zero_init_scale=True)(y, mask)
+    y = layer(self.features, 3, 1, False, zero_init_scale=self.zero_init_residual)(y, mask)
     if x.shape != y.shape:
       x = layer(self.features, 1, self.stride, False)(x, mask)
     return nn.relu(x + y)
@@ -74,13 +81,14 @@ class Bottleneck(nn.Module):
   stride: int
   train: bool
   dtype: Any
+  zero_init_residual: bool = True
 
   @nn.compact
   def __call__(self, x, mask):
     layer = partial(_Masked, train=self.train, dtype=self.dtype)
     y = layer(self.features, 1, 1, True)(x, mask)
     y = layer(self.features, 3, self.stride, True)(y, mask)
-    y = layer(self.features * 4, 1, 1, False, zero_init_scale=True)(y, mask)
+    y = layer(self.features * 4, 1, 1, False, zero_init_scale=self.zero_init_residual)(y, mask)
     if x.shape != y.shape:
       x = layer(self.features * 4, 1, self.stride, False)(x, mask)
     return nn.relu(x + y)
@@ -92,6 +100,7 @@ class ResNet(nn.Module):
   width_multiplier: float = 1.0
   cifar_stem: bool = False
   dtype: Any = jnp.float32
+  zero_init_residual: bool = True  # last BN scale of each block starts at 0 (training)
 
   @nn.compact
   def __call__(self, images, *, train: bool, mask=None):
@@ -112,7 +121,7 @@ class ResNet(nn.Module):
     for i, n in enumerate(blocks):
       for j in range(n):
         s = 2 if (i > 0 and j == 0) else 1
-        x = block_cls(width * 2**i, s, train, self.dtype)(x, mask)
+        x = block_cls(width * 2**i, s, train, self.dtype, self.zero_init_residual)(x, mask)
       stride *= 2 if i > 0 else 1
       maps[stride] = x
     m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])

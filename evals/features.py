@@ -26,6 +26,15 @@ def encoder_variables(state: dict) -> dict:
 
 
 def random_init_variables(encoder, image_size: int, seed: int = 0) -> dict:
+  """Freshly initialised variables of `encoder`'s architecture: the random-init baseline.
+
+  The standard initialisation, not the training one: an encoder with a
+  `zero_init_residual` field (ResNet) is initialised with it off, so every residual
+  block's last BatchNorm scale is 1 and the baseline is the whole network, not only its
+  stem and projection shortcuts. The variables' structure and shapes are the same.
+  """
+  if getattr(encoder, "zero_init_residual", False):
+    encoder = encoder.clone(zero_init_residual=False)
   dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
   return dict(encoder.init(jax.random.PRNGKey(seed), dummy, train=False))
 

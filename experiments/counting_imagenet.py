@@ -9,8 +9,9 @@ Needs a prepared `imagenet2012` (array_record). Recipe: the paper's views: 228 p
 crops (area 0.6-1) + flip, grayscale for 60% of the examples, D(x) = 114 px with a
 downsampling method drawn each step among nearest / bilinear / bicubic / lanczos3, four
 114 px tiles (a 4x4 final ResNet-50 map), 1000-d counting vector after fc 4096 + BN +
-ReLU, M = 10 on the squared norm, plus the parameter-free BatchNorm on the counting
-layer (objectives/counting.py, "Collapse"). The paper trained AlexNet in Caffe; the
+ReLU, M = 10 on the squared norm, plus a BatchNorm (no shift, learned scale from 0.05)
+before the counting layer's ReLU (objectives/counting.py, "How this differs from the
+paper"). The paper trained AlexNet in Caffe; the
 optimiser here is a standard ResNet-50 one, not the paper's: SGD Nesterov 0.9, lr 0.1 x
 B/256, batch 256, wd 1e-4, 5 warmup epochs, cosine, 100 epochs, gradient norm clipped
 at 5.
@@ -26,7 +27,8 @@ def get_config(arg: str = ""):
   c = imagenet_config(228)
   c.objectives = {"counting": objective(
       "counting", 1.0, tile_size=0, count_dim=1000, head_hidden=(4096,), margin=10.0,
-      grayscale_prob=0.6, crop_scale=(0.6, 1.0), count_bn=True)}
+      grayscale_prob=0.6, crop_scale=(0.6, 1.0), count_bn=True,
+      count_bn_scale_init=0.05)}
   steps_per_epoch = set_epochs(c, epochs=100, batch=256, dataset="imagenet2012")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1

@@ -6,8 +6,9 @@
 
 Needs a prepared `imagenet2012` (array_record format: `tfds build imagenet2012
 --file_format=array_record` with the manual download). Recipe (the paper's): one fixed
-target per training image on the unit sphere, d = 2048 (the pooled ResNet-50 features,
-no projection; the paper used AlexNet's 4096), square loss to the assigned target,
+target per training image on the unit sphere, d = 2048 after a linear projection of the
+pooled ResNet-50 features (the paper's final linear layer, see objectives/nat.py
+"Projection"; the paper used AlexNet's 4096), square loss to the assigned target,
 Hungarian reassignment within each batch on every third epoch, plain SGD (no momentum)
 lr 0.01 constant, batch 256. Views: light crop + flip, in grayscale (stands in for the
 paper's Sobel input layer, which removes colour; a Sobel layer itself would change the
@@ -26,7 +27,7 @@ from selfsup.config import imagenet_config, objective, set_epochs
 def get_config(arg: str = ""):
   del arg
   c = imagenet_config()
-  c.objectives = {"nat": objective("nat", 1.0, proj_dim=0, reassign_every_epochs=3,
+  c.objectives = {"nat": objective("nat", 1.0, proj_dim=2048, reassign_every_epochs=3,
                                    crop_scale=(0.5, 1.0), flip_prob=0.5)}
   set_epochs(c, epochs=100, batch=256, dataset="imagenet2012")
   c.optimizer.name = "sgd"

@@ -11,13 +11,13 @@ conv2-block features; a linear probe on the pooled ResNet-18 output is lower. A 
 short run is in the README's results table.
 """
 
-from selfsup.config import cifar10_config, set_epochs
+from selfsup.config import cifar10_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
   c = cifar10_config()
-  c.objectives = {"rotation": {"weight": 1.0, "crop_scale": (0.6, 1.0)}}
+  c.objectives = {"rotation": objective("rotation", 1.0, crop_scale=(0.6, 1.0))}
   set_epochs(c, epochs=200, batch=128, dataset="cifar10")
   c.optimizer.name = "sgd"
   c.optimizer.lr = 0.1

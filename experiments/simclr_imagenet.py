@@ -14,14 +14,15 @@ Expected (published anchor, not measured here): 69.1-69.3% linear top-1 (1000 ep
 ~64.5% at 100 epochs.
 """
 
-from selfsup.config import imagenet_config, set_epochs
+from selfsup.config import imagenet_config, objective, set_epochs
 
 
 def get_config(arg: str = ""):
   del arg
   c = imagenet_config()
-  c.objectives = {"simclr": {"weight": 1.0, "temperature": 0.1, "proj_hidden": (2048, 2048),
-                             "proj_dim": 128, "jitter_strength": 1.0, "blur_prob": 0.5}}
+  c.objectives = {"simclr": objective("simclr", 1.0, temperature=0.1,
+                                      proj_hidden=(2048, 2048), proj_dim=128,
+                                      jitter_strength=1.0, blur_prob=0.5)}
   steps_per_epoch = set_epochs(c, epochs=100, batch=4096, dataset="imagenet2012")
   c.train.log_every = 100
   c.train.checkpoint_every = 2000

@@ -69,9 +69,21 @@ class Objective(nn.Module):
   def optimizer_groups(self) -> dict:
     return {}
 
-  def validate(self, *, image_size: int, dataset) -> None:
-    """Raises UserError when the objective cannot run on this data (called at start-up)."""
-    del image_size, dataset
+  def validate(self, *, image_size: int, dataset, batch_size: int = 0) -> None:
+    """Raises UserError when the objective cannot run on this data (called at start-up).
+
+    batch_size: the global batch (0 = not known).
+    """
+    del image_size, dataset, batch_size
+
+
+def require_negatives(name: str, batch_size: int) -> None:
+  """One line (UserError) for a contrastive objective whose global batch has no negatives:
+  every other image of the batch is a negative, so it needs at least two images."""
+  if 0 < batch_size < 2:
+    from selfsup.errors import UserError
+    raise UserError(f"objective {name} is contrastive and needs negatives from the global "
+                    f"batch: config.train.batch_size={batch_size}; use at least 2")
 
   def eval_features(self, encoder_fn, images):
     """How this objective's paper reads its encoder's features for evaluation.

@@ -270,8 +270,8 @@ class ContextPrediction(Objective):
     return patch_grid(self.image_size if image_size is None else image_size,
                       self.patch_size, self.jitter)
 
-  def validate(self, *, image_size, dataset):
-    del dataset
+  def validate(self, *, image_size, dataset, batch_size=0):
+    del dataset, batch_size
     self._geometry(image_size)
     for name in ("color_drop_prob", "grayscale_prob", "flip_prob"):
       p = getattr(self, name)

@@ -320,8 +320,8 @@ class Inpainting(Objective):
   flip_prob: float = 0.5
   dtype: Any = jnp.float32
 
-  def validate(self, *, image_size, dataset):
-    del dataset
+  def validate(self, *, image_size, dataset, batch_size=0):
+    del dataset, batch_size
     f = self.mask_fraction
     if not 0 < f < 1:
       raise UserError(f"inpainting mask_fraction={f} must lie in the open interval (0, 1) "

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from objectives.base import MLP, Objective, ObjectiveOutput
+from objectives.base import MLP, Objective, ObjectiveOutput, require_negatives
 from selfsup import augment
 
 
@@ -57,6 +57,10 @@ class SimCLR(Objective):
   grayscale_prob: float = 0.2
   blur_prob: float = 0.0
   dtype: Any = jnp.float32
+
+  def validate(self, *, image_size, dataset, batch_size=0):
+    del image_size, dataset
+    require_negatives("simclr", batch_size)
 
   @nn.compact
   def __call__(self, encoder, batch, *, train, step):

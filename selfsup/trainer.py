@@ -149,7 +149,8 @@ class Trainer:
       if template.needs_stable_indices and not getattr(self.source, "stable_indices", False):
         raise UserError(f"objective {type(template).__name__} needs a source with stable "
                         f"example indices; {config.data.source} has none")
-      template.validate(image_size=config.data.image_size, dataset=self.source)
+      template.validate(image_size=config.data.image_size, dataset=self.source,
+                        batch_size=config.train.batch_size)
 
     extra_groups = {}
     for name, template in zip(self.model.names, self.model.objectives):

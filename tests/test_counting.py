@@ -129,3 +129,38 @@ def test_objective_forward_and_validation(tiny):
   c.objectives.counting.margin = 0.0
   with pytest.raises(UserError, match="margin=0.0"):
     Trainer(c, None)
+
+
+def _init_metrics(c, batch_size=16):
+  """One compiled init_with_output: (metrics of a training forward pass, params)."""
+  from selfsup.model import build_model
+  model = build_model(c)
+  s = c.data.image_size
+  batch = {"image": jnp.asarray(np.random.default_rng(0).integers(0, 255, (batch_size, s, s, 3)),
+                                jnp.uint8),
+           "label": jnp.zeros((batch_size,), jnp.int32), "index": jnp.arange(batch_size)}
+  (_, metrics, _), variables = jax.jit(lambda b: model.init_with_output(
+      {"params": jax.random.key(0), "augment": jax.random.key(1)}, b))(batch)
+  return metrics, variables["params"]["counting"]
+
+
+@pytest.mark.parametrize("scale_init", [0.05, 0.0])
+def test_hinge_is_active_from_the_start_with_the_learned_count_scale(tiny, scale_init):
+  """Default (learned BatchNorm scale from 0.05): the squared distances start near M = 10
+  with 1000 counts, so a real share of hinges is active at step 0. Without a scale they
+  start near 3.9 x 1000 and no hinge fires."""
+  c = tiny("counting")
+  c.objectives.counting.head_hidden = (32,)
+  c.objectives.counting.count_bn_scale_init = scale_init
+  assert c.objectives.counting.count_dim == 1000 and c.objectives.counting.margin == 10.0
+  metrics, params = _init_metrics(c)
+  active = float(metrics["counting/hinge_active"])
+  contrast = float(metrics["counting/contrast_sq"])
+  if scale_init:
+    np.testing.assert_array_equal(params["count_bn"]["scale"], np.full(1000, 0.05, np.float32))
+    assert "bias" not in params["count_bn"]
+    assert 0.1 <= active <= 0.95 and 3.0 < contrast < 30.0
+    assert float(metrics["counting/count_sq"]) > 0.5       # not collapsed
+  else:
+    assert "count_bn" not in params                        # no learned parameters
+    assert active == 0.0 and contrast > 1000.0

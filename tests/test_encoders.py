@@ -68,3 +68,33 @@ def test_registry_errors_list_valid_choices():
     build_encoder(ConfigDict(dict(name="resnet51")))
   with pytest.raises(UserError, match="no option 'patch_size'"):
     build_encoder(ConfigDict(dict(name="resnet18", patch_size=4)))
+
+
+def test_random_init_baseline_has_standard_residual_init():
+  """Training init zero-initialises each block's last BatchNorm scale; the random-init
+  baseline (evals.features) is the same architecture with every such scale 1."""
+  from encoders.resnet import Bottleneck
+  from evals.features import random_init_variables
+  enc = build_encoder(ConfigDict(dict(name="resnet18", width_multiplier=0.125)))
+  assert enc.zero_init_residual
+  x = jnp.zeros((2, 16, 16, 3))
+  # Jitted: an eager flax init runs op by op, which is slow on a busy CPU.
+  train_init = jax.jit(lambda: enc.init(jax.random.key(0), x, train=False))()["params"]
+  baseline = jax.jit(lambda: random_init_variables(enc, 16, seed=0))()["params"]
+  assert jax.tree_util.tree_structure(train_init) == jax.tree_util.tree_structure(baseline)
+  blocks = [k for k in baseline if k.startswith("BasicBlock")]
+  assert len(blocks) == 8
+  for block in blocks:
+    np.testing.assert_array_equal(train_init[block]["_Masked_1"]["BatchNorm_0"]["scale"], 0.0)
+    np.testing.assert_array_equal(baseline[block]["_Masked_1"]["BatchNorm_0"]["scale"], 1.0)
+    # The block's first BatchNorm starts at 1 in both.
+    np.testing.assert_array_equal(train_init[block]["_Masked_0"]["BatchNorm_0"]["scale"], 1.0)
+  # The option is an encoder config field too, and bottlenecks follow it.
+  off = build_encoder(ConfigDict(dict(name="resnet50", zero_init_residual=False)))
+  assert not off.zero_init_residual
+  y = jnp.zeros((1, 4, 4, 8))
+  for flag, value in ((True, 0.0), (False, 1.0)):
+    block = Bottleneck(4, 1, False, jnp.float32, zero_init_residual=flag)
+    params = block.init(jax.random.key(0), y, None)["params"]
+    np.testing.assert_array_equal(params["_Masked_2"]["BatchNorm_0"]["scale"], value)
+    np.testing.assert_array_equal(params["_Masked_0"]["BatchNorm_0"]["scale"], 1.0)

@@ -151,7 +151,7 @@ def test_initial_state_is_unit_targets_and_a_permutation_fixed_by_the_seed():
   s0, s0b, s1 = (jax.device_get(init(seed, batch)[1]["objective_state"]["nat"])
                  for seed in (0, 0, 1))
   targets, assignment = s0["targets"], s0["assignment"]
-  assert targets.shape == (_N, 64) and assignment.dtype == np.int32  # tiny_cnn x0.5: 64-d
+  assert targets.shape == (_N, 128) and assignment.dtype == np.int32  # default proj_dim
   np.testing.assert_allclose(np.linalg.norm(targets, axis=1), 1.0, rtol=1e-5)
   # Spread over the whole sphere (not e.g. the positive orthant).
   assert np.abs(targets.mean(axis=0)).max() < 0.1
@@ -172,6 +172,27 @@ def test_projection_sets_the_target_dimension():
   _, init = _init_fn(c, n=20)
   with pytest.raises(UserError, match="target_dim=8"):
     jax.eval_shape(init, 0, _batch(c, n=20))
+
+
+def test_default_projection_lets_features_reach_every_target():
+  """Without a projection the features are non-negative (ReLU + average pool), so the best
+  a unit feature can do against a target c is z = c_+ / ||c_+||, cosine ||c_+|| ~ 0.71
+  and a loss floor ~ 0.59; the default linear projection gives features of both signs."""
+  rng = np.random.default_rng(0)
+  c = _unit(rng, 2000, 128)
+  best_nonneg = np.linalg.norm(np.maximum(c, 0), axis=1)       # max over z >= 0 of z.c
+  assert np.mean(best_nonneg) == pytest.approx(np.sqrt(0.5), abs=0.01)
+  assert np.mean(2 - 2 * best_nonneg) == pytest.approx(0.59, abs=0.02)
+  # The floor holds for any non-negative z (checked against random non-negative ones).
+  z = np.abs(_unit(rng, 2000, 128))
+  assert np.all(np.sum(z * c, axis=1) <= best_nonneg + 1e-12)
+
+  assert NoiseAsTargets().proj_dim > 0
+  _, init = _default_init()                    # the compiled init the other tests share
+  (_, _, host), variables = init(0, _batch(tiny_config("nat")))
+  assert variables["params"]["nat"]["proj"]["kernel"].shape == (64, 128)  # tiny_cnn x0.5
+  z = np.asarray(host["nat"]["features"])
+  assert z.min() < -0.05 and z.max() > 0.05                   # both signs
 
 
 def _state(trainer):

@@ -10,27 +10,43 @@ from objectives.simclr import nt_xent_loss
 
 
 def nt_xent_numpy(za, zb, tau):
+  """(loss, accuracy): accuracy = share of the 2N anchors whose most similar other view
+  is their positive."""
   z = np.concatenate([za, zb]).astype(np.float64)
   z /= np.linalg.norm(z, axis=1, keepdims=True)
   n2 = z.shape[0]
   n = n2 // 2
   sim = z @ z.T / tau
-  losses = []
+  losses, hits = [], []
   for i in range(n2):
     pos = (i + n) % n2
     others = [k for k in range(n2) if k != i]
     denom = np.log(np.sum(np.exp(sim[i, others])))
     losses.append(denom - sim[i, pos])
-  return float(np.mean(losses))
+    hits.append(others[int(np.argmax(sim[i, others]))] == pos)
+  return float(np.mean(losses)), float(np.mean(hits))
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5])
 def test_nt_xent_matches_numpy(tau):
   rng = np.random.default_rng(0)
-  za, zb = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  za = rng.normal(size=(6, 5))
+  zb = za + rng.normal(size=(6, 5))   # noisy positives: some anchors right, some wrong
   loss, acc = nt_xent_loss(jnp.asarray(za), jnp.asarray(zb), tau)
-  assert float(loss) == pytest.approx(nt_xent_numpy(za, zb, tau), rel=1e-5)
-  assert 0.0 <= float(acc) <= 1.0
+  ref_loss, ref_acc = nt_xent_numpy(za, zb, tau)
+  assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
+  assert float(acc) == pytest.approx(ref_acc, abs=1e-7)
+  assert 0.0 < ref_acc < 1.0          # the case tells right from wrong anchors
+
+
+def test_nt_xent_accuracy_on_a_constructed_case():
+  """Views b of images 2 and 3 swapped: anchors of images 0 and 1 (both views) find their
+  positive, those of 2 and 3 find the swapped view instead: accuracy exactly 1/2."""
+  za = np.eye(4, 8)
+  zb = za[[0, 1, 3, 2]]
+  _, acc = nt_xent_loss(jnp.asarray(za), jnp.asarray(zb), 0.5)
+  assert float(acc) == 0.5
+  assert nt_xent_numpy(za, zb, 0.5)[1] == 0.5
 
 
 def test_nt_xent_perfect_pairs_have_low_loss_and_full_accuracy():
@@ -77,3 +93,19 @@ def test_rotation_objective_loss_is_cross_entropy_on_four_classes(tiny):
   _, _, _, (loss, metrics, _) = model_forward(tiny("rotation"))
   assert abs(float(metrics["rotation/loss"]) - np.log(4)) < 0.5
   assert float(loss) == pytest.approx(float(metrics["rotation/loss"]))
+
+
+def test_contrastive_objectives_refuse_a_batch_without_negatives(tiny):
+  """A global batch of one image has no negatives: one line at start-up."""
+  from objectives.counting import Counting
+  from objectives.simclr import SimCLR
+  from selfsup.errors import UserError
+  from selfsup.trainer import Trainer
+  for objective, name in ((SimCLR(), "simclr"), (Counting(), "counting")):
+    with pytest.raises(UserError, match=f"objective {name} is contrastive.*batch_size=1"):
+      objective.validate(image_size=32, dataset=None, batch_size=1)
+    objective.validate(image_size=32, dataset=None, batch_size=2)
+  c = tiny("simclr")
+  c.train.batch_size = 1
+  with pytest.raises(UserError, match="needs negatives"):
+    Trainer(c, None)
