@@ -138,7 +138,8 @@ def _check_objectives(configs) -> None:
       options.pop("weight", None)
       template = objectives_lib.build_objective(name, options, image_size=c.data.image_size,
                                                 dtype=np.float32, dataset_size=len(source))
-      template.validate(image_size=c.data.image_size, dataset=source)
+      template.validate(image_size=c.data.image_size, dataset=source,
+                        batch_size=c.train.batch_size)
 
 
 def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=None,

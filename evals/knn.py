@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from objectives.base import l2_normalize
+
 # The bias column of the few-shot regression: large, so its weight is almost
 # unregularised by the shared ridge penalty (big_vision's BIAS_CONSTANT).
 FEWSHOT_BIAS = 100.0
@@ -33,11 +35,6 @@ FEWSHOT_STD_EPS = 1e-5
 # Full float32 matmuls: GPUs may default to TF32, which reorders near-tied neighbours
 # and degrades the few-shot Gram matrix.
 _PRECISION = jax.lax.Precision.HIGHEST
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, 1e-12)
 
 
 def _num_classes(num_classes: int | None, *labels: np.ndarray) -> int:
@@ -55,11 +52,11 @@ def _knn_correct(train_x, train_y, test_x, test_y, temperature, *, k, num_classe
   only a [batch_size, N_train] similarity block is alive at a time and the whole
   evaluation is one device program.
   """
-  train_x = _l2_normalize(train_x)
+  train_x = l2_normalize(train_x)
   num_test = test_x.shape[0]
   num_batches = -(-num_test // batch_size)
   pad = num_batches * batch_size - num_test
-  test_x = jnp.pad(_l2_normalize(test_x), ((0, pad), (0, 0)))
+  test_x = jnp.pad(l2_normalize(test_x), ((0, pad), (0, 0)))
   test_y = jnp.pad(test_y, (0, pad))
   valid = jnp.arange(num_batches * batch_size) < num_test
   num_ranked = min(5, num_classes)

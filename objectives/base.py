@@ -76,15 +76,6 @@ class Objective(nn.Module):
     """
     del image_size, dataset, batch_size
 
-
-def require_negatives(name: str, batch_size: int) -> None:
-  """One line (UserError) for a contrastive objective whose global batch has no negatives:
-  every other image of the batch is a negative, so it needs at least two images."""
-  if 0 < batch_size < 2:
-    from selfsup.errors import UserError
-    raise UserError(f"objective {name} is contrastive and needs negatives from the global "
-                    f"batch: config.train.batch_size={batch_size}; use at least 2")
-
   def eval_features(self, encoder_fn, images):
     """How this objective's paper reads its encoder's features for evaluation.
 
@@ -103,6 +94,15 @@ def require_negatives(name: str, batch_size: int) -> None:
     return None
 
 
+def require_negatives(name: str, batch_size: int) -> None:
+  """One line (UserError) for a contrastive objective whose global batch has no negatives:
+  every other image of the batch is a negative, so it needs at least two images."""
+  if 0 < batch_size < 2:
+    from selfsup.errors import UserError
+    raise UserError(f"objective {name} is contrastive and needs negatives from the global "
+                    f"batch: config.train.batch_size={batch_size}; use at least 2")
+
+
 @dataclasses.dataclass
 class HostContext:
   """What the trainer tells a host hook about the run."""
@@ -115,6 +115,11 @@ def cross_entropy(logits, labels):
   logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits)
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """Rows scaled to unit L2 norm (a zero row stays zero): embeddings on the sphere."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def accuracy(logits, labels):

@@ -83,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from objectives.base import Objective, ObjectiveOutput
+from objectives.base import Objective, ObjectiveOutput, l2_normalize
 from selfsup import augment
 from selfsup.errors import UserError
 
@@ -91,7 +91,7 @@ from selfsup.errors import UserError
 def sphere_targets(key, n: int, d: int) -> jax.Array:
   """n points uniform on the unit sphere in R^d: normalised standard Gaussians."""
   x = jax.random.normal(key, (n, d), jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return l2_normalize(x)
 
 
 def nat_loss(z: jax.Array, c: jax.Array) -> jax.Array:
@@ -191,7 +191,7 @@ class NoiseAsTargets(Objective):
     if self.proj_dim:
       z = nn.Dense(self.proj_dim, dtype=self.dtype, name="proj")(z)
     z = z.astype(jnp.float32)
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    z = l2_normalize(z)
     d = z.shape[-1]
     if self.target_dim and self.target_dim != d:
       raise UserError(f"objective nat: target_dim={self.target_dim} differs from the "

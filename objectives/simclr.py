@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from objectives.base import MLP, Objective, ObjectiveOutput, require_negatives
+from objectives.base import MLP, Objective, ObjectiveOutput, l2_normalize, require_negatives
 from selfsup import augment
 
 
@@ -34,7 +34,7 @@ def nt_xent_loss(z_a: jax.Array, z_b: jax.Array, temperature: float) -> tuple[ja
     the other view of i, and how often the positive is the most similar view.
   """
   z = jnp.concatenate([z_a, z_b], axis=0).astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+  z = l2_normalize(z)
   n = z_a.shape[0]
   logits = z @ z.T / temperature
   # Self-similarity is not a candidate: mask it out before the softmax.
