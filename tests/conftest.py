@@ -2,12 +2,23 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# Many tests build the same tiny trainer and compile the same step; XLA's persistent
+# cache (keyed by the computation, the JAX version and the backend) lets the second one
+# load the executable instead of compiling it. Set as environment variables before JAX is
+# imported, so xdist workers and CLI subprocesses share it. Tracing still happens, so the
+# compile-once test still counts traces.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "selfsup-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def tiny_config(objectives="rotation", steps=6, batch_size=16, image_size=16):
