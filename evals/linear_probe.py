@@ -37,21 +37,6 @@ from selfsup import data as data_lib
 from selfsup.errors import UserError
 
 FEATURE_MODES = ("image", "objective")
-def probe_arrays(encoder, variables, train, test, *, batch_size=256, save_features=None,
-                 seed=0) -> dict:
-  """Probe on ((images, labels), (images, labels)) uint8 arrays already in memory."""
-  t0 = time.perf_counter()
-  train_x = features_lib.extract_features(encoder, variables, train[0], batch_size)
-  test_x = features_lib.extract_features(encoder, variables, test[0], batch_size)
-  t1 = time.perf_counter()
-  if save_features:
-    np.savez_compressed(save_features, train_x=train_x, train_y=train[1], test_x=test_x,
-                        test_y=test[1])
-  result = probe_features(train_x, train[1], test_x, test[1], seed=seed)
-  result["feature_seconds"] = t1 - t0
-  return result
-
-
 def probe_features(train_x, train_y, test_x, test_y, *, seed=0) -> dict:
   """The L-BFGS probe on features already extracted."""
   for what, x in (("training", train_x), ("test", test_x)):
@@ -63,12 +48,6 @@ def probe_features(train_x, train_y, test_x, test_y, *, seed=0) -> dict:
   result = linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes, seed=seed)
   result["probe_seconds"] = time.perf_counter() - t0
   return result
-
-
-def load_split(dataset: str, split: str, image_size: int, max_examples, data_dir=None):
-  """A split as uint8 arrays in memory (small data only; the probe streams instead)."""
-  source = data_lib.make_source(dataset, split, image_size=image_size, data_dir=data_dir)
-  return data_lib.load_arrays(source, image_size, max_examples=max_examples)
 
 
 def check_max_examples(flag: str, value) -> None:

@@ -36,15 +36,6 @@ from selfsup import data as data_lib
 from selfsup.errors import UserError
 
 
-def subset_positions(n: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
-  """The source positions `load_arrays(max_examples=..., seed=...)` reads, in order."""
-  positions = np.arange(n)
-  if max_examples is not None and max_examples < n:
-    rng = np.random.default_rng(seed)
-    positions = np.sort(rng.choice(n, size=max(0, int(max_examples)), replace=False))
-  return positions
-
-
 @dataclasses.dataclass
 class _Positions:
   """A source restricted to (and reordered as) `positions`; keeps the source's `index`."""
@@ -129,7 +120,7 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
   global_batch = max(step, -(-int(batch_size) // step) * step)
   local_batch = global_batch // pc
 
-  positions = subset_positions(len(source), max_examples, seed)
+  positions = data_lib.subset_positions(len(source), max_examples, seed)
   n = len(positions)
   mine = positions[pi::pc]
   steps = -(-len(positions[0::pc]) // local_batch)  # process 0 has the most examples

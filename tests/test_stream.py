@@ -57,11 +57,10 @@ def test_streamed_features_equal_loaded_arrays(tmp_path, max_examples):
 
 
 def test_subset_positions_are_load_arrays_subset():
-  from evals import stream
   from selfsup import data
   src = data.ShapesSource("train", image_size=8, length=50)
   images, _ = data.load_arrays(src, 8, max_examples=7, seed=5)
-  positions = stream.subset_positions(50, 7, seed=5)
+  positions = data.subset_positions(50, 7, seed=5)
   np.testing.assert_array_equal(images, np.stack([src[int(p)]["image"] for p in positions]))
   assert np.all(np.diff(positions) > 0) and positions[-1] > 7  # a spread, not a prefix
 

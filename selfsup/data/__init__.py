@@ -12,7 +12,8 @@ all a caller needs.
 """
 
 from selfsup.data.pipeline import (fit_to_canvas, iterator_state_to_json, load_arrays,
-                                   make_pipeline, resize_and_crop, restore_iterator_state)
+                                   make_pipeline, resize_and_crop, restore_iterator_state,
+                                   subset_positions)
 from selfsup.data.sources import (IMAGE_EXTENSIONS, SHAPE_NAMES, SOURCE_FORMS,
                                   SYNTHETIC_SOURCES, DataSource, FolderSource, ShapesSource,
                                   TfdsSource, dataset_size, make_source, to_rgb8)
@@ -34,5 +35,6 @@ __all__ = [
     'make_source',
     'resize_and_crop',
     'restore_iterator_state',
+    'subset_positions',
     'to_rgb8',
 ]

@@ -323,6 +323,19 @@ def restore_iterator_state(it: grain.DatasetIterator, state_json: str) -> grain.
 # Whole small sources as arrays (evaluation).
 
 
+def subset_positions(n: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
+  """The positions, in source order, of a seeded random subset of `max_examples` of n.
+
+  A random subset, not a prefix: folders and many TFDS splits are sorted by class. Shared
+  by `load_arrays` and the streamed probe (`evals.stream`), so both read the same examples.
+  """
+  positions = np.arange(n)
+  if max_examples is not None and max_examples < n:
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(n, size=max(0, int(max_examples)), replace=False))
+  return positions
+
+
 def load_arrays(source: DataSource, image_size: int,
                 max_examples: int | None = None,
                 num_threads: int | None = None, seed: int = 0,
@@ -349,10 +362,7 @@ def load_arrays(source: DataSource, image_size: int,
     images uint8 (N, image_size, image_size, 3) and labels int32 (N,).
   """
   _check_crop(None, crop_fraction)
-  positions = np.arange(len(source))
-  if max_examples is not None and max_examples < len(source):
-    rng = np.random.default_rng(seed)
-    positions = np.sort(rng.choice(len(source), size=max(0, int(max_examples)), replace=False))
+  positions = subset_positions(len(source), max_examples, seed)
   n = len(positions)
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
   labels = np.zeros((n,), np.int32)
