@@ -109,22 +109,33 @@ class Checkpointer:
     UserError listing each step and why: then nothing is moved (a mismatch between the
     config and every checkpoint is not damage).
     """
+    step, restored, skipped = self._newest_readable(
+        lambda s: self.restore(s, abstract_state), "restored")
+    if step is None:
+      return None, None, None, []
+    if move_damaged and skipped and jax.process_index() == 0:
+      for bad, _ in skipped:
+        self._move_aside(bad)
+      self.manager.reload()
+    state, data = restored
+    return step, state, data, skipped
+
+  def _newest_readable(self, read, verb: str):
+    """(step, read(step), [(skipped step, reason)]) for the newest step `read` accepts.
+
+    (None, None, []) without checkpoints; a UserError listing each step and why when
+    every one fails.
+    """
     skipped = []
     for step in reversed(self.steps()):
       try:
-        state, data = self.restore(step, abstract_state)
+        return step, read(step), skipped
       except Exception as e:  # noqa: BLE001 - any failure to read a step is reported
         skipped.append((step, short_reason(e)))
-        continue
-      if move_damaged and skipped and jax.process_index() == 0:
-        for bad, _ in skipped:
-          self._move_aside(bad)
-        self.manager.reload()
-      return step, state, data, skipped
     if skipped:
-      raise UserError(f"no checkpoint in {self.directory} can be restored: "
+      raise UserError(f"no checkpoint in {self.directory} can be {verb}: "
                       + "; ".join(f"step {s}: {r}" for s, r in skipped))
-    return None, None, None, []
+    return None, None, []
 
   def _move_aside(self, step: int) -> str:
     target_dir = self.directory + ".damaged"
@@ -156,16 +167,7 @@ class Checkpointer:
 
   def restore_state_newest(self):
     """(step, state, [(skipped step, reason)]) for evaluation; newest readable first."""
-    skipped = []
-    for step in reversed(self.steps()):
-      try:
-        return step, self.restore_state_only(step), skipped
-      except Exception as e:  # noqa: BLE001
-        skipped.append((step, short_reason(e)))
-    if skipped:
-      raise UserError(f"no checkpoint in {self.directory} can be read: "
-                      + "; ".join(f"step {s}: {r}" for s, r in skipped))
-    return None, None, []
+    return self._newest_readable(self.restore_state_only, "read")
 
   def close(self):
     self.manager.close()
