@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from encoders.common import EncoderOutput, PatchMask
-from encoders.resnet import ResNet
+from encoders.resnet import REMAT, ResNet, check_remat
 from encoders.tiny_cnn import TinyCNN
 from encoders.vit import SIZES as VIT_SIZES
 from encoders.vit import ViT
@@ -17,21 +17,22 @@ from selfsup.errors import UserError, unknown_name
 
 
 def _resnet(depth):
-  def build(dtype, width_multiplier=1.0, cifar_stem=False, zero_init_residual=True):
+  def build(dtype, width_multiplier=1.0, cifar_stem=False, zero_init_residual=True,
+            remat="none"):
     return ResNet(depth=depth, width_multiplier=float(width_multiplier),
                   cifar_stem=bool(cifar_stem), dtype=dtype,
-                  zero_init_residual=bool(zero_init_residual))
+                  zero_init_residual=bool(zero_init_residual), remat=remat)
   return build
 
 
 def _vit(size):
   width, depth, mlp_dim, heads = VIT_SIZES[size]
 
-  def build(dtype, patch_size=16, pooling="cls"):
+  def build(dtype, patch_size=16, pooling="cls", remat="none"):
     if pooling not in ("cls", "mean"):
       raise UserError(f"encoder.pooling must be 'cls' or 'mean', not {pooling!r}")
     return ViT(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
-               patch_size=int(patch_size), pooling=pooling, dtype=dtype)
+               patch_size=int(patch_size), pooling=pooling, dtype=dtype, remat=remat)
   return build
 
 
@@ -49,8 +50,14 @@ REGISTRY: dict[str, Callable[..., Any]] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_encoder(cfg, dtype: str = "float32"):
-  """Builds the encoder named `cfg.name` with the remaining fields of `cfg` as options."""
+def build_encoder(cfg, dtype: str = "float32", remat: str = "none"):
+  """Builds the encoder named `cfg.name` with the remaining fields of `cfg` as options.
+
+  `remat` (config.train.remat: none | blocks | full) goes to every encoder whose builder
+  takes a `remat` option, unless `cfg` sets that option itself; an encoder without one
+  accepts only "none".
+  """
+  check_remat(remat)
   options = dict(cfg)
   name = options.pop("name")
   if name not in REGISTRY:
@@ -63,7 +70,18 @@ def build_encoder(cfg, dtype: str = "float32"):
     if key not in allowed:
       raise UserError(f"encoder {name!r} has no option {key!r}; valid options: "
                       f"{', '.join(allowed) or 'none'}")
+  if "remat" in allowed:
+    options.setdefault("remat", remat)
+  elif remat != "none":
+    raise UserError(f"encoder {name!r} has no activation rematerialisation; use "
+                    "train.remat=none with it (encoders with one: "
+                    f"{', '.join(n for n, b in REGISTRY.items() if _takes_remat(b))})")
   return REGISTRY[name](DTYPES[dtype], **options)
 
 
-__all__ = ["EncoderOutput", "PatchMask", "REGISTRY", "build_encoder"]
+def _takes_remat(builder) -> bool:
+  import inspect
+  return "remat" in inspect.signature(builder).parameters
+
+
+__all__ = ["EncoderOutput", "PatchMask", "REGISTRY", "REMAT", "build_encoder"]

@@ -94,35 +94,67 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+REMAT = ("none", "blocks", "full")
+
+
+def check_remat(remat: str) -> None:
+  if remat not in REMAT:
+    from selfsup.errors import UserError
+    raise UserError(f"remat must be one of {', '.join(REMAT)}, not {remat!r}")
+
+
 class ResNet(nn.Module):
-  """ResNet encoder returning pooled features and the four stage outputs by stride."""
+  """ResNet encoder returning pooled features and the four stage outputs by stride.
+
+  `remat` (activation rematerialisation, trading compute for memory; config.train.remat):
+  "none" keeps every activation for the backward pass; "blocks" keeps only each
+  residual block's input and recomputes the block in the backward pass (about one more
+  forward pass); "full" also recomputes the whole encoder forward in the backward pass,
+  so between the two passes only the input images are held (the encoder's activations
+  are not kept while other views' or objectives' graphs run; about two more forward
+  passes). Parameter names are the same for all three.
+  """
   depth: int = 50
   width_multiplier: float = 1.0
   cifar_stem: bool = False
   dtype: Any = jnp.float32
   zero_init_residual: bool = True  # last BN scale of each block starts at 0 (training)
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images, *, train: bool, mask=None):
+    check_remat(self.remat)
     kind, blocks = STAGES[self.depth]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
+    block = nn.remat(block_cls) if self.remat != "none" else block_cls
     width = max(8, int(64 * self.width_multiplier))
-    x = images.astype(self.dtype)
-    if mask is not None:  # masked pixels must not leak into visible positions' receptive fields
-      x = x * resize_mask(mask, x.shape[1], x.shape[2]).astype(x.dtype)
-    if self.cifar_stem:
-      x = _Masked(width, 3, 1, True, train, self.dtype)(x, mask)
-      stride = 1
-    else:
-      x = _Masked(width, 7, 2, True, train, self.dtype)(x, mask)
-      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
-      stride = 4
-    maps = {}
-    for i, n in enumerate(blocks):
-      for j in range(n):
-        s = 2 if (i > 0 and j == 0) else 1
-        x = block_cls(width * 2**i, s, train, self.dtype, self.zero_init_residual)(x, mask)
-      stride *= 2 if i > 0 else 1
-      maps[stride] = x
-    m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
-    return EncoderOutput(masked_mean(x, m).astype(jnp.float32), maps)
+
+    def body(mdl, images):
+      del mdl  # submodules below are created in this module's scope
+      x = images.astype(self.dtype)
+      if mask is not None:  # masked pixels must not leak into visible receptive fields
+        x = x * resize_mask(mask, x.shape[1], x.shape[2]).astype(x.dtype)
+      if self.cifar_stem:
+        x = _Masked(width, 3, 1, True, train, self.dtype)(x, mask)
+        stride = 1
+      else:
+        x = _Masked(width, 7, 2, True, train, self.dtype)(x, mask)
+        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        stride = 4
+      maps = {}
+      k = 0
+      for i, n in enumerate(blocks):
+        for j in range(n):
+          s = 2 if (i > 0 and j == 0) else 1
+          # Explicit names: the ones Flax gives the plain class, whatever `remat` is.
+          x = block(width * 2**i, s, train, self.dtype, self.zero_init_residual,
+                    name=f"{block_cls.__name__}_{k}")(x, mask)
+          k += 1
+        stride *= 2 if i > 0 else 1
+        maps[stride] = x
+      m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
+      return EncoderOutput(masked_mean(x, m).astype(jnp.float32), maps)
+
+    if self.remat == "full":
+      body = nn.remat(body)
+    return body(self, images)

@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from encoders.resnet import check_remat
 from encoders.common import EncoderOutput, PatchMask
 
 SIZES = {  # name: (width, depth, mlp_dim, heads)
@@ -56,10 +57,14 @@ class ViT(nn.Module):
   patch_size: int = 16
   pooling: str = "cls"
   dtype: Any = jnp.float32
+  # none | blocks (each transformer block recomputed in the backward pass) | full (the
+  # whole block stack recomputed; only its input kept between the passes)
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images, *, train: bool, mask=None):
     del train  # No dropout or BatchNorm: train and eval are the same function.
+    check_remat(self.remat)
     x = nn.Conv(self.width, (self.patch_size, self.patch_size), self.patch_size,
                 padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
     b, gh, gw, d = x.shape
@@ -79,8 +84,17 @@ class ViT(nn.Module):
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d)).astype(self.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-    for i in range(self.depth):
-      x = EncoderBlock(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x)
+    block = nn.remat(EncoderBlock) if self.remat != "none" else EncoderBlock
+
+    def blocks(mdl, x):
+      del mdl  # the blocks are created in this module's scope
+      for i in range(self.depth):
+        x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x)
+      return x
+
+    if self.remat == "full":   # the whole stack recomputed in the backward pass
+      blocks = nn.remat(blocks)
+    x = blocks(self, x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
     if self.pooling == "cls":
       pooled, tokens = x[:, 0], x[:, 1:]

@@ -84,7 +84,7 @@ import numpy as np
 import scipy.optimize
 
 from objectives.base import Objective, ObjectiveOutput, l2_normalize
-from selfsup import augment
+from selfsup import augment, distributed
 from selfsup.errors import UserError
 
 
@@ -238,6 +238,10 @@ class NoiseAsTargets(Objective):
     """
     if host is None or not self.is_reassignment_step(int(step), ctx.steps_per_epoch):
       return state
-    assignment = reassign(state["targets"], np.asarray(state["assignment"]),
-                          host["index"], host["features"])
+    # Several processes: the batch and the assignment are gathered (small), the target
+    # table is read by rows; every process computes the same new assignment.
+    assignment = reassign(distributed.RowReader(state["targets"]),
+                          distributed.to_host(state["assignment"]),
+                          distributed.to_host(host["index"]),
+                          distributed.to_host(host["features"]))
     return {**state, "assignment": assignment.astype(np.int32)}

@@ -44,6 +44,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "stop"        # non-finite loss/gradients: stop | skip (the update)
   c.train.online_probe = True          # linear head on stop-gradient features, if labels
   c.train.progress_bar = True
+  # Memory: activation rematerialisation in the encoder (none | blocks | full) and the
+  # global batch as `accumulate` micro-batches (BatchNorm statistics and contrastive
+  # negatives per micro-batch; README "Scale out").
+  c.train.remat = "none"
+  c.train.accumulate = 1
+  # Persistent XLA compilation cache: "user" (~/.cache/selfsup/jax, or
+  # $XDG_CACHE_HOME/selfsup/jax), "workdir" (DIR/jax_cache), a folder, or "off".
+  # JAX_COMPILATION_CACHE_DIR, when set, wins over "user".
+  c.train.compile_cache = "user"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"             # sgd | lars | adamw | lamb
@@ -77,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 _FREE_FORM = ("encoder", "objectives")
 NONFINITE_CHOICES = ("stop", "skip")
+REMAT_CHOICES = ("none", "blocks", "full")
 
 
 def validate(config) -> None:
@@ -96,6 +106,16 @@ def validate(config) -> None:
   if config.train.on_nonfinite not in NONFINITE_CHOICES:
     raise UserError(f"config.train.on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, "
                     f"not {config.train.on_nonfinite!r}")
+  if config.train.remat not in REMAT_CHOICES:
+    raise UserError(f"config.train.remat must be one of {', '.join(REMAT_CHOICES)} (activation "
+                    f"rematerialisation), not {config.train.remat!r}")
+  k = config.train.accumulate
+  if not isinstance(k, int) or k < 1 or config.train.batch_size % k:
+    raise UserError(f"config.train.accumulate must be an integer >= 1 that divides "
+                    f"train.batch_size={config.train.batch_size} (micro-batches), got {k!r}")
+  if not isinstance(config.train.compile_cache, str) or not config.train.compile_cache:
+    raise UserError("config.train.compile_cache must be user, workdir, off or a folder, got "
+                    f"{config.train.compile_cache!r}")
   if config.data.image_size < 8:
     raise UserError(f"config.data.image_size must be >= 8, got {config.data.image_size}")
   if config.data.source_size and config.data.source_size < config.data.image_size:

@@ -84,3 +84,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def process_rows(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """(lo, hi): the rows of a global batch this process's devices hold.
+
+  With the mesh over `jax.devices()` (process 0's devices first) these are rows
+  [i*B/P, (i+1)*B/P) of process i; the input pipeline reads exactly them.
+  """
+  starts, stops = [], []
+  for index in batch_sharding.addressable_devices_indices_map((batch_size,)).values():
+    rows = index[0]
+    starts.append(rows.start or 0)
+    stops.append(batch_size if rows.stop is None else rows.stop)
+  lo, hi = min(starts), max(stops)
+  held = set()
+  for a, b in zip(starts, stops):
+    held.update(range(a, b))
+  if held != set(range(lo, hi)):
+    raise UserError(f"this process's devices hold rows {sorted(held)} of the batch, not one "
+                    "contiguous block; order the mesh's devices by process")
+  return lo, hi

@@ -33,7 +33,7 @@ from objectives.base import HostContext
 from selfsup import checkpoint as ckpt_lib
 from selfsup import config as config_lib
 from selfsup import data as data_lib
-from selfsup import optim, sharding
+from selfsup import distributed, optim, sharding
 from selfsup.errors import UserError
 from selfsup.metrics_log import MetricsLogger, read_metrics
 from selfsup.model import build_model
@@ -47,25 +47,69 @@ class NonFiniteError(UserError):
   """The loss or the gradients stopped being finite (the run diverged)."""
 
 
-def train_step(state, batch, *, model, tx, lr_schedule):
+def _micro_batches(batch, k):
+  """(B, ...) -> (k, B/k, ...): micro-batch i holds rows i, i+k, i+2k, ... so that each
+  one stays spread over every data-parallel device (rows are laid out device-major)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _merge_micro(x):
+  """The inverse of `_micro_batches` for per-example outputs: (k, B/k, ...) -> (B, ...)."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def train_step(state, batch, *, model, tx, lr_schedule, accumulate: int = 1):
   """One optimisation step: (state, batch) -> (new state, metrics, host outputs).
 
   Pure; bound to a model, optimizer and schedule with functools.partial and jitted by the
   Trainer. A step whose loss, gradients or updated parameters are not finite leaves the
   state as it was (apart from the step counter) and sets metrics["nonfinite"] = 1.
+
+  accumulate = K > 1: the global batch runs as K micro-batches of B/K (a `lax.scan`, so
+  one micro-batch's activations are live at a time); the gradients and metrics are the
+  mean over micro-batches and one optimizer update follows. BatchNorm statistics and
+  contrastive negatives are those of each micro-batch (B/K examples, over all devices),
+  running BatchNorm averages and objective state are updated micro-batch after
+  micro-batch, and micro-batch i draws its augmentations from fold_in(rng, i): so K > 1
+  matches K = 1 only for objectives without batch-coupled terms.
   """
   step = state["step"]
   rng = jax.random.fold_in(state["rng"], step)
 
-  def loss_fn(params):
-    variables = {"params": params, "batch_stats": state["batch_stats"],
-                 "objective_state": state["objective_state"]}
+  def loss_fn(params, batch_stats, objective_state, batch, rng):
+    variables = {"params": params, "batch_stats": batch_stats,
+                 "objective_state": objective_state}
     (loss, metrics, host), updates = model.apply(
         variables, batch, train=True, step=step, rngs={"augment": rng},
         mutable=["batch_stats", "objective_state"])
     return loss, (metrics, host, updates)
 
-  grads, (metrics, host, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if accumulate == 1:
+    grads, (metrics, host, updates) = grad_fn(
+        state["params"], state["batch_stats"], state["objective_state"], batch, rng)
+  else:
+    def micro(carry, xs):
+      grad_sum, batch_stats, objective_state = carry
+      i, mb = xs
+      g, (m, h, up) = grad_fn(state["params"], batch_stats, objective_state, mb,
+                              jax.random.fold_in(rng, i))
+      carry = (jax.tree.map(jnp.add, grad_sum, g), up.get("batch_stats", batch_stats),
+               up.get("objective_state", objective_state))
+      return carry, (m, h)
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    (grad_sum, batch_stats, objective_state), (metrics, host) = jax.lax.scan(
+        micro, (zeros, state["batch_stats"], state["objective_state"]),
+        (jnp.arange(accumulate), _micro_batches(batch, accumulate)))
+    grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    host = jax.tree.map(_merge_micro, host)
+    updates = {"batch_stats": batch_stats, "objective_state": objective_state}
   param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], param_updates)
   objective_state = dict(updates.get("objective_state", state["objective_state"]))
@@ -104,6 +148,93 @@ def _count_nonfinite(counts, nonfinite):
   return (window + nonfinite, jnp.where(nonfinite > 0, streak + 1, 0), total + nonfinite)
 
 
+def compile_cache_dir(setting: str, workdir: str | None) -> str | None:
+  """The persistent compilation cache folder config.train.compile_cache names (None: off)."""
+  if setting == "off":
+    return None
+  if setting == "user":
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+      return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "selfsup", "jax")
+  if setting == "workdir":
+    return None if workdir is None else os.path.join(workdir, "jax_cache")
+  return os.path.expanduser(setting)
+
+
+def setup_compile_cache(setting: str, workdir: str | None) -> str | None:
+  """Points JAX's persistent compilation cache at that folder (or turns it off).
+
+  A repeated or resumed run then loads the compiled step (keyed by the program, the JAX
+  version and the devices) instead of compiling it. Takes effect only before this
+  process's first cached compilation. Returns the folder (None: off).
+  """
+  path = compile_cache_dir(setting, workdir)
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create the compilation cache folder {path} ({e.strerror}); set "
+                    "train.compile_cache to another folder, or off") from e
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+GIB = 2**30
+
+
+def step_memory(compiled) -> dict:
+  """Bytes per device of a compiled step, from XLA's memory analysis (empty if none).
+
+  peak_bytes_per_device = arguments + outputs - donated (aliased) + temporaries: what
+  the step holds on each device at its peak, state included.
+  """
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend analyses memory
+    m = None
+  if m is None:
+    return {}
+  if isinstance(m, (list, tuple)):
+    m = m[0]
+  out = {k: int(getattr(m, f"{k}_in_bytes", 0) or 0)
+         for k in ("argument_size", "output_size", "alias_size", "temp_size",
+                   "generated_code_size")}
+  out["peak_bytes_per_device"] = (out["argument_size"] + out["output_size"]
+                                  - out["alias_size"] + out["temp_size"])
+  return out
+
+
+def device_memory_limit() -> int | None:
+  """Bytes one device may use, where the backend reports it (GPU, TPU; not CPU)."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001
+    return None
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def check_fits(memory: dict, limit: int | None, config) -> str:
+  """One line about the step's memory; a UserError when it cannot fit the device."""
+  if not memory:
+    return "compiled step: no memory analysis on this backend"
+  peak = memory["peak_bytes_per_device"]
+  line = (f"compiled step: {peak / GIB:.2f} GiB per device (state and batch "
+          f"{memory['argument_size'] / GIB:.2f}, temporaries {memory['temp_size'] / GIB:.2f})"
+          + (f" of {limit / GIB:.1f} GiB" if limit else ""))
+  if limit and peak > limit:
+    raise UserError(
+        f"the batch cannot fit: the compiled step needs {peak / GIB:.2f} GiB per device and "
+        f"the device has {limit / GIB:.2f} GiB (train.batch_size={config.train.batch_size}); "
+        f"set train.remat=blocks or full (now {config.train.remat}), train.accumulate=K "
+        f"micro-batches (now {config.train.accumulate}), mesh.sharding=fsdp, or a smaller "
+        "batch")
+  return line
+
+
 class Trainer:
   def __init__(self, config, workdir: str | None, *, devices=None,
                async_checkpoints: bool = True):
@@ -111,6 +242,8 @@ class Trainer:
     config_lib.validate(config)
     self.config = config
     self.workdir = workdir
+    self.compile_cache = setup_compile_cache(config.train.compile_cache, workdir)
+    self._compiled = None       # the step compiled ahead by run() (memory check)
     self.lock = None
     self.preempted = False      # run() stopped on SIGTERM before train.steps
     self.skipped_checkpoints = []
@@ -135,10 +268,16 @@ class Trainer:
 
   def _build(self, config, workdir, devices, async_checkpoints):
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.model, devices)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
     data_ways = self.mesh.shape["data"]
     if config.train.batch_size % data_ways:
       raise UserError(f"config.train.batch_size={config.train.batch_size} does not divide over "
                       f"the {data_ways} data-parallel devices; use a multiple of {data_ways}")
+    k = config.train.accumulate
+    if config.train.batch_size % (k * data_ways):
+      raise UserError(f"config.train.accumulate={k} micro-batches of the batch "
+                      f"{config.train.batch_size} do not divide over the {data_ways} "
+                      f"data-parallel devices; the batch must be a multiple of {k * data_ways}")
 
     self.source = data_lib.make_source(
         config.data.source, config.data.train_split, image_size=config.data.image_size,
@@ -219,29 +358,48 @@ class Trainer:
       self.state = jax.jit(init, out_shardings=shardings)(rng)
 
   def _make_iterator(self):
+    # Each process reads the rows of every global batch that its devices hold, out of
+    # one global order: the batch at each step does not depend on the process count.
     c = self.config
+    rows = sharding.process_rows(self.batch_sharding, c.train.batch_size)
     return data_lib.make_pipeline(
         self.source, batch_size=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
         shuffle=True, num_workers=c.data.num_workers, prefetch=c.data.prefetch,
-        canvas_size=config_lib.canvas_size(c))
+        canvas_size=config_lib.canvas_size(c), process_rows=rows)
 
   # ---- the step --------------------------------------------------------------------
   def _make_step(self):
     """The jitted step: train_step bound to this model/optimizer, state donated."""
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
     step = functools.partial(train_step, model=self.model, tx=self.tx,
-                             lr_schedule=self.lr_schedule)
+                             lr_schedule=self.lr_schedule,
+                             accumulate=self.config.train.accumulate)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(self.state_shardings, None, None))
 
   def shard_batch(self, batch: dict) -> dict:
-    keep = {k: v for k, v in batch.items() if k in ("image", "label", "index", "valid")}
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+    keep = {k: np.asarray(v) for k, v in batch.items()
+            if k in ("image", "label", "index", "valid")}
+    n = self.config.train.batch_size
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
+                                                      (n,) + v.shape[1:])
             for k, v in keep.items()}
 
   def train_step(self, batch):
     """One step on a host batch; returns the metrics (device arrays) and host outputs."""
-    self.state, metrics, host = self.step_fn(self.state, self.shard_batch(batch))
+    step = self._compiled or self.step_fn
+    self.state, metrics, host = step(self.state, self.shard_batch(batch))
     return metrics, host
+
+  def compile_step(self, batch: dict):
+    """Compiles the step for this (host) batch ahead of time; returns (compiled, memory).
+
+    Raises UserError when the step needs more memory per device than the backend
+    reports (`check_fits`); run() prints the memory line at start-up.
+    """
+    sharded = self.shard_batch(batch)
+    compiled = self.step_fn.lower(self.state, sharded).compile()
+    memory = step_memory(compiled)
+    self.memory_line = check_fits(memory, device_memory_limit(), self.config)
+    return compiled, memory
 
   # ---- the loop --------------------------------------------------------------------
   def run(self, *, stop_after: int | None = None) -> dict:
@@ -285,9 +443,13 @@ class Trainer:
     counts = (zero, zero, zero)
     self._checked = start
     failing = True
+    watchdog = distributed.PeerWatchdog()   # several processes: a dead one stops the rest
     try:
       for step in range(start, total):
         batch = next(self.iterator)
+        if self._compiled is None:
+          self._compiled, _ = self.compile_step(batch)
+          logger.message(self.memory_line)
         metrics, host = self.train_step(batch)
         counts = _count_nonfinite(counts, metrics["nonfinite"])
         if hooked:
@@ -320,7 +482,18 @@ class Trainer:
                          "rerun the same command to resume")
           break
       failing = False
+    except Exception as e:  # noqa: BLE001 - only a lost peer is handled here
+      message = distributed.stop_message(e)
+      if message is None:
+        raise
+      # Another process died: the collectives cannot complete and JAX's shutdown would
+      # wait for the dead process, so say so and end this process now. The checkpoints
+      # already written are complete (orbax renames a step folder only when done).
+      import sys
+      print(message, file=sys.stderr, flush=True)
+      os._exit(3)
     finally:
+      watchdog.stop()
       try:
         self.checkpointer.wait()
       except Exception:  # noqa: BLE001 - do not hide the error already on its way out
@@ -371,8 +544,9 @@ class Trainer:
     for name, template in hooked:
       local = objective_state[name]
       new = template.host_update(local, host.get(name), step, ctx)
-      if new is not local:
-        objective_state[name] = jax.device_put(new, self.state_shardings["objective_state"][name])
+      if new is not local:   # NumPy leaves are identical on every process (see the hook)
+        objective_state[name] = jax.tree.map(
+            distributed.put_global, new, self.state_shardings["objective_state"][name])
     state["objective_state"] = objective_state
 
 

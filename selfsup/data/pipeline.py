@@ -161,30 +161,121 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
   return int(process_index), int(process_count)
 
 
+def global_order(n: int, *, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None) -> grain.MapDataset:
+  """The ONE global order of a run: position g -> dataset index, the same on every host.
+
+  Epoch e is a permutation of range(n) (a pure function of `seed` and e; grain seeds
+  epoch e with the mixed seed + e), epochs follow each other; no shuffle keeps source
+  order. Global batch s is positions [s*B, (s+1)*B) of this order whatever the number of
+  processes or workers; each process reads only its rows of it (`make_pipeline`).
+  """
+  order = grain.MapDataset.range(n)
+  if shuffle:
+    order = order.shuffle(seed=_shuffle_seed(seed))
+  return order.repeat(num_epochs)
+
+
+class _ProcessRows(grain.MapDataset):
+  """Item s: this process's rows [lo, hi) of global batch s, as dataset indices.
+
+  A last partial global batch (finite epochs, drop_remainder=False) of r < B examples
+  gives each process rows [lo*r//B, hi*r//B), so the processes stay disjoint.
+  """
+
+  def __init__(self, order: grain.MapDataset, global_batch: int, lo: int, hi: int,
+               drop_remainder: bool):
+    super().__init__(order)
+    self._b, self._lo, self._hi = global_batch, lo, hi
+    total = len(order)
+    self._full, self._rest = divmod(total, global_batch)
+    self._len = self._full + (0 if drop_remainder or not self._rest else 1)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __str__(self) -> str:
+    return f'ProcessRows(global_batch={self._b}, rows=[{self._lo}, {self._hi}))'
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    s = int(index) % self._len if self._len else 0
+    if s < self._full:
+      lo, hi = self._lo, self._hi
+    else:
+      r = self._rest
+      lo, hi = self._lo * r // self._b, self._hi * r // self._b
+    start = s * self._b
+    return np.array([self._parent[start + j] for j in range(lo, hi)], np.int64)
+
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """One decode thread pool per (process, size), made on first use (so grain workers,
+  which unpickle the pipeline in a new process, make their own)."""
+  key = (os.getpid(), threads)
+  if key not in _POOLS:
+    _POOLS[key] = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='decode')
+  return _POOLS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadBatch:
+  """Dataset indices -> a batch: read + decode + resize each in threads, then stack.
+
+  PIL and NumPy release the GIL while decoding and resizing, so threads scale on the
+  cores of the process (or grain worker) that runs this.
+  """
+
+  source: Any
+  preprocess: _Preprocess
+  threads: int
+
+  def _one(self, i: int) -> dict[str, np.ndarray]:
+    return self.preprocess(self.source[int(i)])
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    if self.threads > 1 and len(indices) > 1:
+      examples = list(_pool(self.threads).map(self._one, indices))
+    else:
+      examples = [self._one(i) for i in indices]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def default_threads(num_workers: int) -> int:
+  """Decode threads per process (num_workers=0) or per grain worker."""
+  cores = os.cpu_count() or 1
+  return min(16, 2 * cores) if num_workers == 0 else max(1, min(4, 2 * cores // num_workers))
+
+
 def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed: int,
                   shuffle: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True, num_workers: int = 0, prefetch: int = 2,
                   process_index: int | None = None,
                   process_count: int | None = None,
                   canvas_size: int | None = None,
-                  crop_fraction: float = 1.0) -> grain.DatasetIterator:
+                  crop_fraction: float = 1.0,
+                  process_rows: tuple[int, int] | None = None,
+                  threads: int | None = None) -> grain.DatasetIterator:
   """Builds this process's checkpointable iterator of uint8 batches.
 
   With `canvas_size` the batches are for training: whole images fitted into canvases,
   with their `valid` boxes, for the device to crop views from. Without it they are for
   evaluation: shorter side resized to image_size / crop_fraction and centre-cropped.
 
-  Order: shuffle the whole source (a fresh permutation every epoch, a pure function of
-  `seed`), keep this process's stride of it, repeat, decode + resize, batch. Shuffling
-  before sharding means every process sees a different random subset each epoch while the
-  processes stay disjoint within an epoch. With several processes each epoch is cut to a
-  multiple of `process_count` so all processes yield the same number of batches (a
-  shorter one would hang the collectives of the others).
-
-  The batches are a pure function of (source, seed, batch_size, process_index,
-  process_count, num_workers): with workers, each worker batches its own stride of the
-  examples, so changing num_workers changes the batches, and a saved iterator state only
-  restores into a pipeline built with the same arguments.
+  Order: ONE global order (`global_order`: a fresh permutation of the whole source every
+  epoch, a pure function of `seed`, epochs back to back); global batch s is its
+  positions [s*B, (s+1)*B), and this process reads only its rows of it: rows
+  [i*B/P, (i+1)*B/P) for process i of P (or `process_rows`, the rows the batch sharding
+  gives this process's devices). So the global batch at every step, and with it every
+  number of the run, is the same whatever the number of processes, and the processes
+  are disjoint. Each batch is read and decoded whole (`_ReadBatch`, in threads) by the
+  main process or by one grain worker, so the batches do not depend on num_workers
+  either; the iterator state counts batches, so a checkpoint made by P processes
+  restores in any other number (with the same num_workers: 0 or not).
 
   Args:
     source: a random-access source (see `make_source`).
@@ -202,6 +293,9 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
       (`fit_to_canvas`); usually >= image_size (config.data.source_size).
     crop_fraction: evaluation mode: the centre crop's side as a fraction of the resized
       shorter side (0.875 for ImageNet-style photographs, 1.0 for 32 px data).
+    process_rows: (lo, hi), this process's rows of each global batch, when the device
+      layout gives it others than the default (i*B/P, (i+1)*B/P).
+    threads: decode threads per process, or per worker (default `default_threads`).
 
   Returns:
     A grain `DatasetIterator` of dicts `image` uint8 (b, S, S, 3) with S = canvas_size
@@ -228,24 +322,26 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
     raise UserError(f'num_workers must be >= 0 and prefetch >= 1; got {num_workers} and '
                     f'{prefetch}')
   local_batch = batch_size // process_count
+  if process_rows is None:
+    process_rows = (process_index * local_batch, (process_index + 1) * local_batch)
+  lo, hi = (int(r) for r in process_rows)
+  if not 0 <= lo < hi <= batch_size:
+    raise UserError(f'process_rows {process_rows} must lie within the global batch of '
+                    f'{batch_size}')
   n = len(source)
-  per_process = n // process_count
-  if per_process < 1:
-    raise UserError(f'{getattr(source, "name", "source")} has {n} examples, fewer than the '
-                    f'{process_count} processes')
+  if n < 1:
+    raise UserError(f'{getattr(source, "name", "source")} has no examples')
 
-  ds = grain.MapDataset.source(_sized(source, image_size, crop_fraction, canvas_size or 0))
-  if shuffle:
-    ds = ds.shuffle(seed=_shuffle_seed(seed))
-  if process_count > 1:
-    ds = ds[:per_process * process_count][process_index::process_count]
-  ds = ds.repeat(num_epochs)
-  ds = ds.map(_Preprocess(image_size, canvas_size or 0, crop_fraction))
-  # Per-example reads run in a thread pool; batching after it keeps the buffer in
-  # examples small instead of holding hundreds of whole batches.
-  read = grain.ReadOptions(num_threads=16 if num_workers == 0 else 4,
-                           prefetch_buffer_size=max(prefetch * local_batch, 16))
-  it_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=drop_remainder)
+  order = global_order(n, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+  rows = _ProcessRows(order, batch_size, lo, hi, drop_remainder)
+  threads = default_threads(num_workers) if threads is None else max(1, int(threads))
+  read = _ReadBatch(_sized(source, image_size, crop_fraction, canvas_size or 0),
+                    _Preprocess(image_size, canvas_size or 0, crop_fraction), threads)
+  ds = rows.map(read)
+  # One batch in flight in the main process (its threads decode the batch's examples in
+  # parallel) and `prefetch` more buffered; workers each prefetch their own batches.
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if num_workers else 2,
+                                                prefetch_buffer_size=prefetch))
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(

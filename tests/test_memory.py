@@ -1,0 +1,112 @@
+"""Memory controls: remat keeps the encoder's function, accumulation is the mean of the
+micro-batch gradients, the trainer reports the step's memory and refuses what cannot fit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from conftest import tiny_config
+from encoders import build_encoder
+from selfsup import trainer as trainer_lib
+from selfsup.config import validate
+from selfsup.errors import UserError
+
+
+@pytest.mark.parametrize("cfg", [dict(name="resnet18", cifar_stem=True, width_multiplier=0.125),
+                                 dict(name="vit_ti", patch_size=8)], ids=["resnet", "vit"])
+def test_remat_changes_neither_names_nor_gradients(cfg):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+  grads, trees = {}, {}
+  for remat in ("none", "blocks", "full"):
+    enc = build_encoder(ConfigDict(cfg), remat=remat)
+    v = enc.init(jax.random.key(0), x, train=True)
+    rest = {k: a for k, a in v.items() if k != "params"}
+
+    def loss(p, enc=enc, rest=rest):
+      out, _ = enc.apply({"params": p, **rest}, x, train=True, mutable=list(rest))
+      return jnp.sum(out.pooled ** 2)
+
+    g = jax.jit(jax.grad(loss))(v["params"])
+    trees[remat] = jax.tree_util.tree_structure(v["params"])
+    grads[remat] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
+  assert trees["blocks"] == trees["full"] == trees["none"]   # checkpoints interchange
+  for remat in ("blocks", "full"):
+    np.testing.assert_allclose(grads[remat], grads["none"], rtol=1e-5, atol=1e-6)
+
+
+def test_remat_is_refused_where_an_encoder_has_none():
+  with pytest.raises(UserError, match="no activation rematerialisation"):
+    build_encoder(ConfigDict(dict(name="tiny_cnn")), remat="blocks")
+  with pytest.raises(UserError, match="remat must be one of"):
+    build_encoder(ConfigDict(dict(name="resnet18")), remat="some")
+  c = tiny_config()
+  c.train.accumulate = 3   # does not divide 16
+  with pytest.raises(UserError, match="accumulate"):
+    validate(c)
+
+
+def test_accumulation_is_the_mean_of_the_micro_batch_gradients():
+  # SGD with lr 1, no momentum or decay: new params = params - mean of micro gradients.
+  c = tiny_config("rotation", batch_size=8)
+  c.train.online_probe = False
+  t = trainer_lib.Trainer(c, None)
+  tx = optax.sgd(1.0)
+  state = dict(t.state)
+  state["opt_state"] = tx.init(state["params"])
+  batch = {k: jnp.asarray(v) for k, v in next(t.iterator).items()
+           if k in ("image", "label", "index", "valid")}
+  step = jax.jit(functools.partial(trainer_lib.train_step, model=t.model, tx=tx,
+                                   lr_schedule=lambda s: 1.0, accumulate=2))
+  new, metrics, _ = step(state, batch)
+
+  # Reference: micro-batch i = rows i, i+2, ...; rng fold_in(step rng, i); BatchNorm
+  # running statistics carried from micro-batch 0 to 1.
+  rng = jax.random.fold_in(state["rng"], state["step"])
+  stats, grads, losses = state["batch_stats"], [], []
+  for i in range(2):
+    micro = jax.tree.map(lambda a: a[i::2], batch)
+
+    def loss_fn(p, stats=stats, micro=micro, i=i):
+      (loss, _, _), up = t.model.apply(
+          {"params": p, "batch_stats": stats, "objective_state": state["objective_state"]},
+          micro, train=True, step=state["step"], rngs={"augment": jax.random.fold_in(rng, i)},
+          mutable=["batch_stats", "objective_state"])
+      return loss, up
+    (loss, up), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    stats = up["batch_stats"]
+    grads.append(g)
+    losses.append(float(loss))
+  expected = jax.tree.map(lambda p, a, b: p - (a + b) / 2, state["params"], *grads)
+  for got, want in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.tree.leaves(new["batch_stats"]), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["pretext_loss"]), np.mean(losses), rtol=1e-5)
+
+
+def test_the_step_memory_is_reported_and_a_batch_too_large_is_refused(tmp_path, capsys):
+  c = tiny_config("rotation", steps=1)
+  t = trainer_lib.Trainer(c, str(tmp_path))
+  t.run()
+  assert "compiled step:" in capsys.readouterr().err
+  _, memory = t.compile_step(next(t.iterator))
+  assert memory["peak_bytes_per_device"] >= memory["argument_size"] > 0
+  assert "GiB per device" in trainer_lib.check_fits(memory, None, c)
+  with pytest.raises(UserError, match="cannot fit.*train.remat.*train.accumulate"):
+    trainer_lib.check_fits(memory, memory["peak_bytes_per_device"] - 1, c)
+
+
+def test_compile_cache_folders(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert trainer_lib.compile_cache_dir("user", "w") == str(tmp_path / "xdg" / "selfsup" / "jax")
+  assert trainer_lib.compile_cache_dir("workdir", "w") == "w/jax_cache"
+  assert trainer_lib.compile_cache_dir("off", "w") is None
+  assert trainer_lib.compile_cache_dir(str(tmp_path / "c"), "w") == str(tmp_path / "c")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+  assert trainer_lib.compile_cache_dir("user", "w") == str(tmp_path / "env")
