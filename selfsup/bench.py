@@ -1,8 +1,17 @@
-"""`python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N] [--data SOURCE]`
+"""`python -m selfsup.bench --config experiments/NAME.py[:ARG] [--steps N] [--data SOURCE] [--input]`
 
 Measures the jitted train step of a config on the devices present and prints one JSON
-line: compile time, step time, images/s, FLOPs per step (XLA's cost analysis of the
-lowered step, see `step_flops`) and MFU = FLOPs per step / step time / (peak FLOP/s x devices).
+line: compile time cold (`compile_s`, an empty persistent cache) and warm
+(`compile_warm_s`, loaded from the cache, as a repeated or resumed run does), step time,
+images/s, `peak_bytes_per_device` (XLA's memory analysis of the compiled step), FLOPs
+per step (XLA's cost analysis of the lowered step, see `step_flops`) and MFU = FLOPs
+per step / step time / (peak FLOP/s x devices).
+
+`--input` also times the host pipeline alone (`input_images_per_s`: decode, resize and
+batch by the trainer's own iterator with `config.data.num_workers` workers, per worker
+too) and prints `input_over_step`, its ratio to the step's images/s: below 1 the
+devices would wait for the host. Give it real data (`--data=folder:PATH`): the synthetic
+source renders its images instead of decoding them.
 
 The step is timed on one host batch reused (device throughput: the input pipeline is
 not in the loop; it runs ahead on the host in training). Peak FLOP/s comes from a table
@@ -44,6 +53,12 @@ def _define_flags():
   flags.DEFINE_integer("steps", 20, "timed steps (after one warm-up step), >= 1")
   flags.DEFINE_string("data", "synthetic", "synthetic (default: synthetic batches of the "
                       "config's shape) | config (the config's data.source) | a SOURCE")
+  flags.DEFINE_bool("input", False, "also time the host input pipeline alone (decode, "
+                    "resize, batch with config.data.num_workers workers) and print its "
+                    "images/s next to the step's, with the ratio")
+  flags.DEFINE_integer("input_batches", 20, "batches timed by --input")
+  flags.DEFINE_bool("input_only", False, "time the host input pipeline only (no step, no "
+                    "compile): sizing hosts without an accelerator")
 
 
 SYNTHETIC = "synthetic:shapes"
@@ -102,17 +117,70 @@ def step_flops(lowered, compiled) -> float:
   return flops
 
 
-def benchmark(config, steps: int = 20) -> dict:
+def measure_input(iterator, batches: int) -> tuple[float, int]:
+  """(images/s, images) of the host pipeline alone, after one warm-up batch (worker
+  start-up excluded): decode, resize, batch, as the trainer's iterator does it."""
+  first = next(iterator)
+  n = 0
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    n += len(next(iterator)["image"])
+  return n / (time.perf_counter() - t0), len(first["image"])
+
+
+def benchmark_input(config, batches: int = 20) -> dict:
+  """The host pipeline alone, as the trainer builds it (this process's rows, canvases,
+  config.data.num_workers workers); no devices involved."""
+  from selfsup import config as config_lib
+  from selfsup import data as data_lib
+  source = data_lib.make_source(config.data.source, config.data.train_split,
+                                image_size=config.data.image_size,
+                                data_dir=config.data.data_dir or None)
+  it = data_lib.make_pipeline(
+      source, batch_size=config.train.batch_size, image_size=config.data.image_size,
+      seed=config.seed, num_workers=config.data.num_workers, prefetch=config.data.prefetch,
+      canvas_size=config_lib.canvas_size(config), process_index=0, process_count=1)
+  rate, _ = measure_input(it, batches)
+  workers = config.data.num_workers
+  return {"data": config.data.source, "image_size": config.data.image_size,
+          "canvas_size": config_lib.canvas_size(config),
+          "batch_size": config.train.batch_size, "num_workers": workers,
+          "input_images_per_s": round(rate, 1),
+          "input_images_per_s_per_worker": round(rate / max(1, workers), 1),
+          "batches": batches}
+
+
+def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
+  """The bench line. Compile is timed cold (an empty persistent cache, in a temporary
+  folder) and warm (the same step again after clearing JAX's in-memory caches: what a
+  repeated or resumed run pays with the cache on). input_batches > 0 also times the
+  host pipeline alone over that many batches."""
+  import tempfile
+
   from selfsup.errors import UserError
-  from selfsup.trainer import Trainer
+  from selfsup.trainer import Trainer, step_memory
   if steps < 1:
     raise UserError(f"--steps must be >= 1 (timed steps), got {steps}")
+  config.unlock()
+  cache = tempfile.mkdtemp(prefix="selfsup-bench-cache-")
+  config.train.compile_cache = cache
   trainer = Trainer(config, None)
+  extra = {}
+  if input_batches:
+    rate, _ = measure_input(trainer.iterator, input_batches)
+    workers = config.data.num_workers
+    extra.update(input_images_per_s=round(rate, 1), num_workers=workers,
+                 input_images_per_s_per_worker=round(rate / max(1, workers), 1))
   batch = trainer.shard_batch(next(trainer.iterator))
   t0 = time.perf_counter()
   lowered = trainer.step_fn.lower(trainer.state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  jax.clear_caches()
+  t0 = time.perf_counter()
+  compiled = trainer.step_fn.lower(trainer.state, batch).compile()
+  compile_warm_s = time.perf_counter() - t0
+  memory = step_memory(compiled)
   flops = step_flops(lowered, compiled)
   state = trainer.state
   state, metrics, _ = compiled(state, batch)   # warm-up
@@ -133,6 +201,8 @@ def benchmark(config, steps: int = 20) -> dict:
       "devices": n_dev,
       "device_kind": jax.devices()[0].device_kind,
       "compile_s": round(compile_s, 3),
+      "compile_warm_s": round(compile_warm_s, 3),
+      "peak_bytes_per_device": memory.get("peak_bytes_per_device"),
       "step_s": round(step_s, 5),
       "images_per_s": round(config.train.batch_size / step_s, 1),
       "flops_per_step": flops,
@@ -143,6 +213,10 @@ def benchmark(config, steps: int = 20) -> dict:
       "loss": float(metrics["loss"]),
       "steps": steps,
       "data": config.data.source,
+      **extra,
+      **({"input_over_step": round(extra["input_images_per_s"]
+                                   / (config.train.batch_size / step_s), 2)}
+         if extra else {}),
   }
 
 
@@ -158,7 +232,11 @@ def main(argv):
   config.unlock()
   config.train.progress_bar = False
   with_data(config, flags.FLAGS.data)
-  print(json.dumps(benchmark(config, flags.FLAGS.steps)))
+  if flags.FLAGS.input_only:
+    print(json.dumps(benchmark_input(config, flags.FLAGS.input_batches)))
+    return
+  input_batches = flags.FLAGS.input_batches if flags.FLAGS.input else 0
+  print(json.dumps(benchmark(config, flags.FLAGS.steps, input_batches)))
 
 
 if __name__ == "__main__":

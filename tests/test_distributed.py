@@ -37,7 +37,7 @@ ARGS = ["--config", "experiments/quickstart.py:rotation+simclr+nat",
         "--config.train.checkpoint_every=2", "--config.train.progress_bar=False",
         "--config.probe.enabled=False", "--config.optimizer.name=sgd",
         "--config.optimizer.warmup_steps=0", "--config.mesh.fsdp_min_size=64"]
-TIMEOUT = 420   # hard limit per launch: nothing here can hang CI
+TIMEOUT = 900   # hard limit per launch (idle CI needs ~1-2 min): nothing here can hang
 
 
 def _env(devices, **extra):
