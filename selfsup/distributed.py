@@ -131,6 +131,26 @@ class PeerWatchdog:
     self._stop.set()
 
 
+_BARRIERS = [0]
+
+
+def barrier(name: str, timeout_s: float = 1800) -> None:
+  """Waits until every process gets here (the coordination service, not a collective).
+
+  On CPU the first collective of a run sets up gloo, which gives up when the processes
+  arrive more than 30 s apart (a compile that is slower on one host, or one that hit
+  the compilation cache); the trainer waits here after compiling the step instead.
+  """
+  if jax.process_count() < 2:
+    return
+  from jax._src import distributed as jax_distributed
+  client = getattr(jax_distributed.global_state, "client", None)
+  if client is None:
+    return
+  _BARRIERS[0] += 1
+  client.wait_at_barrier(f"selfsup:{name}:{_BARRIERS[0]}", int(timeout_s * 1000))
+
+
 def stop_message(error: BaseException) -> str | None:
   """One line when `error` says another process of a multi-process run went away."""
   if jax.process_count() < 2:

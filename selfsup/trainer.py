@@ -303,6 +303,9 @@ class Trainer:
     self.iterator = self._make_iterator()
     self.checkpointer = None
     if workdir is not None:
+      # Orbax's first collective sets up CPU collectives (gloo), which give up when the
+      # processes arrive over 30 s apart (one compiled `init`, another loaded it).
+      distributed.barrier("state initialised")
       self.checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                 keep=config.train.keep_checkpoints,
                                                 async_save=async_checkpoints)
@@ -450,6 +453,7 @@ class Trainer:
         if self._compiled is None:
           self._compiled, _ = self.compile_step(batch)
           logger.message(self.memory_line)
+          distributed.barrier("step compiled")   # hosts start the first step together
         metrics, host = self.train_step(batch)
         counts = _count_nonfinite(counts, metrics["nonfinite"])
         if hooked:
