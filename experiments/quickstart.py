@@ -24,6 +24,11 @@ _OVERRIDES = {
     # 8 px patches (auto size in 10 px cells) would shrink to 1x1 after the tiny CNN's
     # first two strides: resize them to 16 px. A 512-wide head keeps the CPU step short.
     "context": {"patch_input_size": 16, "head_hidden": (512,)},
+    # SwAV at 32 px: 2 x 32 + 4 x 16 crops, a head and K sized for batch 128 and 300
+    # steps (the reference's 2048/3000 are for ImageNet at batch 4096), prototypes frozen
+    # for the first 20 steps, strong jitter for the same reason as SimCLR's, no blur.
+    "swav": {"num_small": 4, "small_size": 16, "proj_hidden": (512,), "num_prototypes": 300,
+             "freeze_prototypes_steps": 20, "jitter_strength": 1.0, "blur_prob": 0.0},
 }
 
 

@@ -67,7 +67,10 @@ def train_step(state, batch, *, model, tx, lr_schedule):
 
   grads, (metrics, host, updates) = jax.grad(loss_fn, has_aux=True)(state["params"])
   param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], param_updates)
+  params = dict(optax.apply_updates(state["params"], param_updates))
+  for name, template in zip(model.names, model.objectives):
+    if name in params:  # e.g. SwAV's prototypes: re-normalised, frozen at first
+      params[name] = template.post_update_params(params[name], state["params"][name], step)
   objective_state = dict(updates.get("objective_state", state["objective_state"]))
   for name, template in zip(model.names, model.objectives):
     if name in objective_state:
