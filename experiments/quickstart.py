@@ -24,6 +24,8 @@ _OVERRIDES = {
     # 8 px patches (auto size in 10 px cells) would shrink to 1x1 after the tiny CNN's
     # first two strides: resize them to 16 px. A 512-wide head keeps the CPU step short.
     "context": {"patch_input_size": 16, "head_hidden": (512,)},
+    # G-SimCLR: SimCLR's settings (it is SimCLR on another batch order).
+    "gsimclr": {"crop_scale": (0.2, 1.0), "jitter_strength": 1.0, "temperature": 0.2},
     # SwAV at 32 px: 2 x 32 + 4 x 16 crops, a head and K sized for batch 128 and 300
     # steps (the reference's 2048/3000 are for ImageNet at batch 4096), prototypes frozen
     # for the first 20 steps, strong jitter for the same reason as SimCLR's, no blur.
@@ -40,6 +42,11 @@ def get_config(objectives: str = "rotation"):
   c.encoder = {"name": "tiny_cnn"}
   c.objectives = {name: objective(name, 1.0, **_OVERRIDES.get(name, {}))
                   for name in objectives.split("+")}
+  if "gsimclr" in c.objectives:
+    # G-SimCLR: first the denoising autoencoder (tiny CNN, 300 steps), k-means with K =
+    # the batch, then the run on the cluster-balanced order (selfsup/phases.py).
+    c.clusters.enabled = True
+    c.data.order = "cluster_balanced"
   c.train.steps = 300
   c.train.batch_size = 128
   c.train.log_every = 25

@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "nat": "objectives.nat:NoiseAsTargets",
     "swav": "objectives.swav:SwAV",
     "autoencoder": "objectives.autoencoder:Autoencoder",
+    "gsimclr": "objectives.gsimclr:GSimCLR",
 }
 
 

@@ -223,10 +223,13 @@ class Trainer:
 
   def _make_iterator(self):
     c = self.config
+    clusters = None
+    if c.data.order == "cluster_balanced":
+      clusters = data_lib.load_clusters(c.data.cluster_file, len(self.source))
     return data_lib.make_pipeline(
         self.source, batch_size=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
         shuffle=True, num_workers=c.data.num_workers, prefetch=c.data.prefetch,
-        canvas_size=config_lib.canvas_size(c))
+        canvas_size=config_lib.canvas_size(c), clusters=clusters)
 
   # ---- the step --------------------------------------------------------------------
   def _make_step(self):

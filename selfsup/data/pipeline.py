@@ -30,6 +30,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from selfsup.data.order import ClusterBalancedMapDataset
 from selfsup.data.sources import DataSource
 from selfsup.errors import UserError
 
@@ -167,7 +168,8 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
                   process_index: int | None = None,
                   process_count: int | None = None,
                   canvas_size: int | None = None,
-                  crop_fraction: float = 1.0) -> grain.DatasetIterator:
+                  crop_fraction: float = 1.0,
+                  clusters: np.ndarray | None = None) -> grain.DatasetIterator:
   """Builds this process's checkpointable iterator of uint8 batches.
 
   With `canvas_size` the batches are for training: whole images fitted into canvases,
@@ -200,6 +202,8 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
     process_count: number of processes (default `jax.process_count()`).
     canvas_size: training mode: side of the canvas the whole image is fitted into
       (`fit_to_canvas`); usually >= image_size (config.data.source_size).
+    clusters: (N,) cluster id per example: the cluster-balanced order
+      (`selfsup.data.order`) replaces the uniform shuffle (with shuffle=True).
     crop_fraction: evaluation mode: the centre crop's side as a fraction of the resized
       shorter side (0.875 for ImageNet-style photographs, 1.0 for 32 px data).
 
@@ -235,7 +239,9 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
                     f'{process_count} processes')
 
   ds = grain.MapDataset.source(_sized(source, image_size, crop_fraction, canvas_size or 0))
-  if shuffle:
+  if shuffle and clusters is not None:
+    ds = ClusterBalancedMapDataset(ds, clusters, seed)
+  elif shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   if process_count > 1:
     ds = ds[:per_process * process_count][process_index::process_count]
