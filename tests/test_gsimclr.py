@@ -149,6 +149,7 @@ def _leaves(trainer):
   return jax.tree.leaves(jax.device_get(trainer.state))
 
 
+@pytest.mark.slow   # six Trainers of two kinds: minutes on 2 cores
 def test_both_phases_killed_and_resumed_match_the_uninterrupted_run(tmp_path):
   from selfsup.trainer import Trainer
   c = _gsimclr_config()
