@@ -155,6 +155,7 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
 
   import encoders as encoders_lib
   from evals.linear_probe import ProbeData, probe_live, probe_random_init
+  from selfsup import phases
   from selfsup.trainer import Trainer
 
   # Everything that can fail does so before the first step.
@@ -177,7 +178,9 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
   log(json.dumps(rows[-1]), flush=True)
   for name, c in configs:
     t0 = time.perf_counter()
-    trainer = Trainer(c, os.path.join(workdir, name.replace("+", "_")))
+    run_dir = os.path.join(workdir, name.replace("+", "_"))
+    c, _ = phases.prepare(c, run_dir, log=log)   # G-SimCLR's clustering phase, if any
+    trainer = Trainer(c, run_dir)
     last = trainer.run()
     train_s = time.perf_counter() - t0
     result = probe_live(trainer, data, features=features)

@@ -24,6 +24,17 @@ _OVERRIDES = {
     # 8 px patches (auto size in 10 px cells) would shrink to 1x1 after the tiny CNN's
     # first two strides: resize them to 16 px. A 512-wide head keeps the CPU step short.
     "context": {"patch_input_size": 16, "head_hidden": (512,)},
+    # G-SimCLR: SimCLR's settings (it is SimCLR on another batch order).
+    "gsimclr": {"crop_scale": (0.2, 1.0), "jitter_strength": 1.0, "temperature": 0.2},
+    # SwAV at 32 px: 2 x 32 + 4 x 16 crops, a head and K sized for batch 128 and 300
+    # steps (the reference's 2048/3000 are for ImageNet at batch 4096), strong jitter for
+    # the same reason as SimCLR's, no blur. Prototypes frozen for the first epoch as in
+    # the reference (390 steps of CIFAR-10 at batch 128, so all 300 steps here): frozen
+    # for only 20 steps, the codes went uniform on CIFAR-10 (loss 5.705 = ln 300 and code
+    # entropy 5.699 at step 60); frozen, the code entropy kept falling (5.59 -> 5.50 by
+    # step 120). See README "SwAV and G-SimCLR".
+    "swav": {"num_small": 4, "small_size": 16, "proj_hidden": (512,), "num_prototypes": 300,
+             "freeze_prototypes_steps": 390, "jitter_strength": 1.0, "blur_prob": 0.0},
 }
 
 
@@ -35,6 +46,11 @@ def get_config(objectives: str = "rotation"):
   c.encoder = {"name": "tiny_cnn"}
   c.objectives = {name: objective(name, 1.0, **_OVERRIDES.get(name, {}))
                   for name in objectives.split("+")}
+  if "gsimclr" in c.objectives:
+    # G-SimCLR: first the denoising autoencoder (tiny CNN, 300 steps), k-means with K =
+    # the batch, then the run on the cluster-balanced order (selfsup/phases.py).
+    c.clusters.enabled = True
+    c.data.order = "cluster_balanced"
   c.train.steps = 300
   c.train.batch_size = 128
   c.train.log_every = 25

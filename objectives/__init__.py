@@ -15,6 +15,9 @@ REGISTRY: dict[str, str] = {
     "inpainting": "objectives.inpainting:Inpainting",
     "counting": "objectives.counting:Counting",
     "nat": "objectives.nat:NoiseAsTargets",
+    "swav": "objectives.swav:SwAV",
+    "autoencoder": "objectives.autoencoder:Autoencoder",
+    "gsimclr": "objectives.gsimclr:GSimCLR",
 }
 
 

@@ -11,6 +11,9 @@ training and checkpointed with everything else.
 Three optional hooks cover what cannot be a gradient step:
 - `post_update(state, params, step)`: pure and jitted, after the optimizer step
   (EMA teachers, momentum schedules, prototype re-normalisation).
+- `post_update_params(params, old_params, step)`: pure and jitted, after the optimizer
+  step, on the objective's own head parameters (`params/<name>`) with their values
+  before the step: projections such as SwAV's unit-norm, frozen-at-first prototypes.
 - `host_update(state, host_outputs, step, ctx)`: NumPy/SciPy on the host between steps,
   fed by the `host` arrays the objective returned (NAT's Hungarian reassignment). It
   receives the device arrays (read them with `np.asarray`, which fetches only what is
@@ -61,6 +64,10 @@ class Objective(nn.Module):
   def post_update(self, state: dict, params: dict, step) -> dict:
     del params, step
     return state
+
+  def post_update_params(self, params: dict, old_params: dict, step) -> dict:
+    del old_params, step
+    return params
 
   def host_update(self, state: dict, host: dict, step: int, ctx: "HostContext") -> dict:
     del host, step, ctx

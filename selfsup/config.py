@@ -29,6 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2
   c.data.strict = False                # True: a corrupt image is an error, not a skip
   c.data.data_dir = ""                 # TFDS data_dir ("" = TFDS default)
+  # Batch order: shuffle (uniform) | cluster_balanced (each batch spreads over the clusters
+  # of data.cluster_file, a .npy of one id per training example; selfsup/data/order.py).
+  c.data.order = "shuffle"
+  c.data.cluster_file = ""
 
   c.encoder = ml_collections.ConfigDict({"name": "tiny_cnn"})
   # name -> {"weight": w, option: value, ...}; several entries = a weighted combination.
@@ -76,6 +80,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1                     # tensor-parallel ways (ViT)
   c.mesh.sharding = "replicate"        # replicate | fsdp
   c.mesh.fsdp_min_size = 2**18
+
+  # A first phase that makes data.cluster_file (G-SimCLR): train `clusters.objective` with
+  # `clusters.encoder` for `clusters.steps`, k-means its pooled features of the training set
+  # into `clusters.k` clusters (0 = train.batch_size), then train this config on the
+  # cluster-balanced order. Files under WORKDIR/clusters/; a rerun resumes either phase.
+  c.clusters = ml_collections.ConfigDict()
+  c.clusters.enabled = False
+  c.clusters.objective = "autoencoder"
+  c.clusters.encoder = "tiny_cnn"
+  c.clusters.steps = 300
+  c.clusters.batch_size = 128
+  c.clusters.lr = 2e-3                 # AdamW
+  c.clusters.k = 0
+  c.clusters.max_examples = 0          # k-means on a seeded subset of this many (0 = all)
 
   c.probe = ml_collections.ConfigDict()  # the end-of-run linear probe (quickstart)
   c.probe.enabled = False
@@ -127,6 +145,24 @@ def validate(config) -> None:
   if not 0 < config.data.eval_crop_fraction <= 1:
     raise UserError(f"config.data.eval_crop_fraction must be in (0, 1] (0.875 for ImageNet-"
                     f"style data, 1.0 for 32 px data), got {config.data.eval_crop_fraction}")
+  if config.data.order not in ("shuffle", "cluster_balanced"):
+    raise UserError(f"config.data.order must be one of shuffle, cluster_balanced, not "
+                    f"{config.data.order!r}")
+  if config.data.order == "cluster_balanced" and not (config.data.cluster_file
+                                                      or config.clusters.enabled):
+    raise UserError("config.data.order=cluster_balanced needs config.data.cluster_file (a "
+                    ".npy of one cluster id per training example) or config.clusters.enabled"
+                    "=True to make one")
+  if config.clusters.enabled:
+    if config.clusters.k < 0:
+      raise UserError(f"config.clusters.k must be >= 1 (or 0 = train.batch_size), got "
+                      f"{config.clusters.k}")
+    if config.clusters.steps < 1 or config.clusters.batch_size < 1:
+      raise UserError(f"config.clusters.steps and config.clusters.batch_size must be >= 1, "
+                      f"got {config.clusters.steps} and {config.clusters.batch_size}")
+    if config.clusters.max_examples < 0:
+      raise UserError(f"config.clusters.max_examples must be >= 0 (0 = all), got "
+                      f"{config.clusters.max_examples}")
   if config.train.dtype not in ("float32", "bfloat16"):
     raise UserError(f"config.train.dtype must be float32 or bfloat16, not {config.train.dtype!r}")
   if not config.objectives:

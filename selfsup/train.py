@@ -33,8 +33,16 @@ def main(argv):
   from selfsup import config as config_lib
   config_lib.validate(config)
   config_lib.check_probe_splits(config)
+  from selfsup import phases
+  phases.check(config)
   from selfsup import workdir as workdir_lib
   from selfsup.trainer import Trainer
+  # G-SimCLR's first phase (config.clusters), resumed or skipped when already done.
+  config, ready = phases.prepare(config, workdir, log=lambda m: print(m, file=sys.stderr))
+  if not ready:
+    print(f"{workdir}: run incomplete (the clustering phase was stopped by SIGTERM, saved); "
+          "rerun the same command to resume", file=sys.stderr)
+    return
   trainer = Trainer(config, workdir)
   last = trainer.run()
   if trainer.finished_before:

@@ -111,7 +111,10 @@ def train_step(state, batch, *, model, tx, lr_schedule, accumulate: int = 1):
     host = jax.tree.map(_merge_micro, host)
     updates = {"batch_stats": batch_stats, "objective_state": objective_state}
   param_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], param_updates)
+  params = dict(optax.apply_updates(state["params"], param_updates))
+  for name, template in zip(model.names, model.objectives):
+    if name in params:  # e.g. SwAV's prototypes: re-normalised, frozen at first
+      params[name] = template.post_update_params(params[name], state["params"][name], step)
   objective_state = dict(updates.get("objective_state", state["objective_state"]))
   for name, template in zip(model.names, model.objectives):
     if name in objective_state:
@@ -365,10 +368,13 @@ class Trainer:
     # one global order: the batch at each step does not depend on the process count.
     c = self.config
     rows = sharding.process_rows(self.batch_sharding, c.train.batch_size)
+    clusters = None
+    if c.data.order == "cluster_balanced":
+      clusters = data_lib.load_clusters(c.data.cluster_file, len(self.source))
     return data_lib.make_pipeline(
         self.source, batch_size=c.train.batch_size, image_size=c.data.image_size, seed=c.seed,
         shuffle=True, num_workers=c.data.num_workers, prefetch=c.data.prefetch,
-        canvas_size=config_lib.canvas_size(c), process_rows=rows)
+        canvas_size=config_lib.canvas_size(c), process_rows=rows, clusters=clusters)
 
   # ---- the step --------------------------------------------------------------------
   def _make_step(self):

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LIBRARY = ("augment", "data", "sharding", "optim", "checkpoint", "errors", "metrics_log",
            "workdir", "distributed")
-RUNNER = ("model", "config", "trainer", "train", "bench", "cli")
+RUNNER = ("model", "config", "trainer", "train", "bench", "cli", "phases")
 
 
 def _imported_modules(path: pathlib.Path) -> set[str]:

@@ -11,6 +11,7 @@ as arrays for evaluation. Both are re-exported here, so `from selfsup import dat
 all a caller needs.
 """
 
+from selfsup.data.order import ORDERS, balanced_permutation, load_clusters
 from selfsup.data.pipeline import (fit_to_canvas, iterator_state_to_json, load_arrays,
                                    make_pipeline, resize_and_crop, restore_iterator_state,
                                    subset_positions)
@@ -21,6 +22,9 @@ from selfsup.data.sources import (IMAGE_EXTENSIONS, SHAPE_NAMES, SOURCE_FORMS,
 __all__ = [
     'DataSource',
     'IMAGE_EXTENSIONS',
+    'ORDERS',
+    'balanced_permutation',
+    'load_clusters',
     'FolderSource',
     'ShapesSource',
     'SHAPE_NAMES',

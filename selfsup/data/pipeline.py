@@ -30,6 +30,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from selfsup.data.order import ClusterBalancedMapDataset
 from selfsup.data.sources import DataSource
 from selfsup.errors import UserError
 
@@ -162,7 +163,8 @@ def _process_defaults(process_index: int | None, process_count: int | None) -> t
 
 
 def global_order(n: int, *, seed: int, shuffle: bool = True,
-                 num_epochs: int | None = None) -> grain.MapDataset:
+                 num_epochs: int | None = None,
+                 clusters: np.ndarray | None = None) -> grain.MapDataset:
   """The ONE global order of a run: position g -> dataset index, the same on every host.
 
   Epoch e is a permutation of range(n) (a pure function of `seed` and e; grain seeds
@@ -171,7 +173,10 @@ def global_order(n: int, *, seed: int, shuffle: bool = True,
   processes or workers; each process reads only its rows of it (`make_pipeline`).
   """
   order = grain.MapDataset.range(n)
-  if shuffle:
+  if shuffle and clusters is not None:
+    # G-SimCLR's cluster-balanced epochs (selfsup.data.order), same position semantics.
+    order = ClusterBalancedMapDataset(order, clusters, seed)
+  elif shuffle:
     order = order.shuffle(seed=_shuffle_seed(seed))
   return order.repeat(num_epochs)
 
@@ -259,7 +264,8 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
                   canvas_size: int | None = None,
                   crop_fraction: float = 1.0,
                   process_rows: tuple[int, int] | None = None,
-                  threads: int | None = None) -> grain.DatasetIterator:
+                  threads: int | None = None,
+                  clusters: np.ndarray | None = None) -> grain.DatasetIterator:
   """Builds this process's checkpointable iterator of uint8 batches.
 
   With `canvas_size` the batches are for training: whole images fitted into canvases,
@@ -291,6 +297,8 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
     process_count: number of processes (default `jax.process_count()`).
     canvas_size: training mode: side of the canvas the whole image is fitted into
       (`fit_to_canvas`); usually >= image_size (config.data.source_size).
+    clusters: (N,) cluster id per example: the cluster-balanced order
+      (`selfsup.data.order`) replaces the uniform shuffle (with shuffle=True).
     crop_fraction: evaluation mode: the centre crop's side as a fraction of the resized
       shorter side (0.875 for ImageNet-style photographs, 1.0 for 32 px data).
     process_rows: (lo, hi), this process's rows of each global batch, when the device
@@ -332,7 +340,8 @@ def make_pipeline(source: DataSource, *, batch_size: int, image_size: int, seed:
   if n < 1:
     raise UserError(f'{getattr(source, "name", "source")} has no examples')
 
-  order = global_order(n, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+  order = global_order(n, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                       clusters=clusters)
   rows = _ProcessRows(order, batch_size, lo, hi, drop_remainder)
   threads = default_threads(num_workers) if threads is None else max(1, int(threads))
   read = _ReadBatch(_sized(source, image_size, crop_fraction, canvas_size or 0),
