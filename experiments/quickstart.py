@@ -24,6 +24,14 @@ _OVERRIDES = {
     # 8 px patches (auto size in 10 px cells) would shrink to 1x1 after the tiny CNN's
     # first two strides: resize them to 16 px. A 512-wide head keeps the CPU step short.
     "context": {"patch_input_size": 16, "head_hidden": (512,)},
+    # 32 px images give small maps: the last two stages are 4x4 and 2x2 (tiny CNN) or
+    # 2x2 and 1x1 (ResNet, ImageNet stem), too small for the reference's 1-px border cut
+    # and 3x3 word pooling. A 2048-word vocabulary fills in 16 steps at batch 128.
+    "obow": {"num_words": 2048, "border": 0, "vocab_pool": 1},
+    # A ResNet with the ImageNet stem has a 1x1 last map at 32 px: 48 px views give 2x2
+    # (the tiny CNN: 3x3). No blur on 32 px images; narrower heads for the CPU.
+    "pixpro": {"view_size": 48, "proj_hidden": 512, "pred_hidden": 512,
+               "blur_probs": (0.0, 0.0)},
 }
 
 
