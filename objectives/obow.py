@@ -245,7 +245,9 @@ class OBoW(Objective):
       crops.append((patch_size, self.num_patches, tuple(self.patch_scale)))
     views = augment.multi_crop(k_views, batch, crops, cfg)
     # Student: one encoder call per resolution (BatchNorm statistics per resolution).
-    student = [encoder(v, train=train).pooled for v in views]
+    first = encoder(views[0], train=train)
+    select_levels(first.maps, self.levels)     # one line for an encoder without the maps
+    student = [first.pooled] + [encoder(v, train=train).pooled for v in views[1:]]
 
     # Teacher: the clean view through the EMA encoder (created at init as a copy).
     clean = augment.eval_view(batch, self.image_size, normalize=False)

@@ -135,6 +135,7 @@ EIGHT_DEVICES = textwrap.dedent("""
                                     ("eight", jax.devices(), "replicate"),
                                     ("fsdp", jax.devices(), "fsdp")]:
       c = tiny_config("pixpro", steps=2, batch_size=8)
+      c.encoder.width_multiplier = 0.25
       c.objectives.pixpro.update(view_size=24, proj_hidden=16, proj_dim=8, pred_hidden=16,
                                  instance_weight=0.5)
       c.optimizer.name = "sgd"
@@ -158,15 +159,16 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # three compilations of the step on 8 fake devices: over a minute idle
 def test_eight_devices_match_one_replicated_and_fsdp(tmp_path):
   script = EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        timeout=3600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["fsdp_sharded"]
   assert out["one"]["losses"][0] < 0.5 and all(0 < s <= 1 for s in out["one"]["shares"])
   for name in ("eight", "fsdp"):
     np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
-    np.testing.assert_array_equal(out[name]["shares"], out["one"]["shares"])
+    np.testing.assert_allclose(out[name]["shares"], out["one"]["shares"], atol=1e-6)
     np.testing.assert_allclose(out[name]["state"], out["one"]["state"], rtol=1e-3, atol=2e-5)
