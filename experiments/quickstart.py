@@ -35,6 +35,16 @@ _OVERRIDES = {
     # step 120). See README "SwAV and G-SimCLR".
     "swav": {"num_small": 4, "small_size": 16, "proj_hidden": (512,), "num_prototypes": 300,
              "freeze_prototypes_steps": 390, "jitter_strength": 1.0, "blur_prob": 0.0},
+    # 32 px images give small maps: the last two stages are 4x4 and 2x2 (tiny CNN) or
+    # 2x2 and 1x1 (ResNet, ImageNet stem), too small for the reference's 1-px border cut
+    # and 3x3 word pooling. A 2048-word vocabulary fills in 16 steps at batch 128.
+    "obow": {"num_words": 2048, "border": 0, "vocab_pool": 1},
+    # A ResNet with the ImageNet stem has a 1x1 last map at 32 px: 36 px views are the
+    # smallest that give 2x2 (the tiny CNN: 3x3). PixPro+ (the instance branch on): the
+    # linear probe reads pooled features, which the pixel loss alone trains only
+    # indirectly. No blur on 32 px images; narrower heads for the CPU.
+    "pixpro": {"view_size": 36, "proj_hidden": 512, "pred_hidden": 512,
+               "blur_probs": (0.0, 0.0), "instance_weight": 1.0},
 }
 
 

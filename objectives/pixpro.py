@@ -1,0 +1,271 @@
+"""PixPro (Xie, Lin, Zhang, Cao, Lin & Hu 2021, "Propagate Yourself: Exploring Pixel-Level
+Consistency for Unsupervised Visual Representation Learning", CVPR 2021; code
+github.com/zdaxie/PixPro).
+
+Pixel-to-propagation consistency between two crops of one image:
+
+- Views: two random resized crops (`view_augment`), each with its box in original-image
+  coordinates, a flip recorded by swapping the x bounds (`augment.flip_box`), so that
+  `augment.box_coordinates` gives every feature-map pixel's original position.
+  Asymmetric BYOL augmentation: blur with probability `blur_probs` = (1.0, 0.1) and
+  solarize with `solarize_probs` = (0.0, 0.2) for the first and second view.
+- Query: the encoder's deepest feature map -> projector, an MLP of 1x1 convolutions
+  (Linear -> BN -> ReLU -> Linear per pixel, 4096 -> 256) -> the pixel propagation module
+  y_i = sum_j max(cos(x_i, x_j), 0)^gamma g(x_j), gamma 2, g one 1x1 convolution
+  (`ppm_layers=2`: conv-BN-ReLU-conv).
+- Key: the EMA of the encoder and the projector (momentum 0.99 -> 1.0 on a cosine over
+  the run, `objectives/ema.py`), kept in `objective_state/pixpro/teacher` (a mirror of
+  `params/encoder` and `params/pixpro/projector`) and updated in `post_update`; it gets
+  no gradient.
+- Positive pairs: pixel i of one view and j of the other whose original-image centres
+  are closer than `pos_ratio` (0.7) times the larger of the two views' bin diagonals
+  (distances in coordinates normalised to the image, as the reference).
+- Loss: per image, minus the mean cosine between y_i of one view and the key k_j of the
+  other over its positive pairs (0 for an image without any), averaged over the batch,
+  and over the two directions (the reference sums the directions and uses 2 - 2 cos; same
+  gradient direction, half / double the scale).
+- PixPro+ (`instance_weight` > 0): an instance branch as BYOL: a second projector on the
+  map, averaged over positions, a predictor MLP, and minus the cosine to the key
+  encoder's (EMA) instance projection of the other view, symmetrised, added with that
+  weight.
+- Logged: `pos_share` (share of positive pairs among all pixel pairs) and `pos_images`
+  (share of images with at least one positive pair); with the instance branch,
+  `instance_loss`.
+
+Both views go through the encoder in one call (BatchNorm statistics over 2B; the reference
+forwards the views separately). The feature map must have at least 2x2 pixels:
+`view_size` resizes the crops (0 = the training image size); on 32 px images a ResNet
+with the ImageNet stem has a 1x1 last map, so the quickstart uses 48 px views (2x2), and
+the CIFAR config the CIFAR stem (4x4 at 32 px).
+
+Reference settings (ImageNet, ResNet-50, PixPro_base_r50_400ep): 2 views of 224 px, crop
+area 0.08-1, BYOL colour augmentation; projector 4096 -> 256, PPM gamma 2 with one layer,
+pos_ratio 0.7, momentum 0.99 -> 1; LARS lr 1.0 x B/256 at batch 1024, wd 1e-5, 5 warmup
+epochs, cosine, 400 epochs; instance branch off (weight 0) in the released 400-epoch
+model. Anchors: VOC07+12 Faster R-CNN 60.2 AP, COCO Mask R-CNN 41.4 box AP (400 epochs),
+not measured here (this toolkit has no detection benchmark).
+
+    python -m selfsup.train --config experiments/pixpro_cifar10.py --workdir runs/pixpro_c10
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from objectives import ema
+from objectives.base import MLP, Objective, ObjectiveOutput, l2_normalize
+from selfsup import augment
+from selfsup.errors import UserError
+
+
+# ---------------------------------------------------------------------------------------
+# The pure pieces (tested against NumPy references).
+
+
+def propagate(x, gx, gamma: float = 2.0):
+  """Pixel propagation: y_i = sum_j max(cos(x_i, x_j), 0)^gamma gx_j.
+
+  Args:
+    x: (B, H, W, C) features whose similarities weigh the propagation.
+    gx: (B, H, W, D) the transformed features g(x).
+    gamma: sharpness exponent.
+
+  Returns:
+    (B, H, W, D) float32.
+  """
+  b, h, w, c = x.shape
+  xn = l2_normalize(x.reshape(b, h * w, c).astype(jnp.float32))
+  sim = jnp.maximum(jnp.einsum("bic,bjc->bij", xn, xn), 0.0) ** gamma
+  y = jnp.einsum("bij,bjd->bid", sim, gx.reshape(b, h * w, -1).astype(jnp.float32))
+  return y.reshape(b, h, w, -1)
+
+
+def positive_pairs(box_q, box_k, height: int, width: int, pos_ratio: float = 0.7):
+  """Which pixels of two views of one image are positive pairs.
+
+  Args:
+    box_q, box_k: (B, 4) the views' boxes (y0, x0, y1, x1) in original-image
+      coordinates, x bounds swapped for a flipped view.
+    height, width: the feature maps' grid (both views share it).
+    pos_ratio: threshold on centre distance / the larger bin diagonal.
+
+  Returns:
+    (B, H*W, H*W) bool, [b, i, j] for pixel i (row-major) of the q view and j of the k
+    view.
+  """
+  cq = augment.box_coordinates(box_q, height, width).reshape(box_q.shape[0], -1, 2)
+  ck = augment.box_coordinates(box_k, height, width).reshape(box_k.shape[0], -1, 2)
+  dist = jnp.sqrt(jnp.sum((cq[:, :, None, :] - ck[:, None, :, :]) ** 2, axis=-1))
+
+  def diag(box):
+    bin_h = (box[:, 2] - box[:, 0]) / height
+    bin_w = (box[:, 3] - box[:, 1]) / width
+    return jnp.sqrt(bin_h ** 2 + bin_w ** 2)
+
+  max_diag = jnp.maximum(diag(jnp.asarray(box_q, jnp.float32)),
+                         diag(jnp.asarray(box_k, jnp.float32)))
+  return dist / max_diag[:, None, None] < pos_ratio
+
+
+def pixel_consistency_loss(y, k, mask):
+  """Minus the mean cosine over positive pairs, per image, averaged over the batch.
+
+  Args:
+    y: (B, H, W, D) propagated query features.
+    k: (B, H, W, D) key features of the other view.
+    mask: (B, H*W, H*W) positive pairs (query pixel i, key pixel j).
+
+  Returns:
+    scalar; an image without positive pairs contributes 0 (as the reference).
+  """
+  b = y.shape[0]
+  yn = l2_normalize(y.reshape(b, -1, y.shape[-1]).astype(jnp.float32))
+  kn = l2_normalize(k.reshape(b, -1, k.shape[-1]).astype(jnp.float32))
+  cos = jnp.einsum("bid,bjd->bij", yn, kn)
+  m = mask.astype(jnp.float32)
+  per_image = jnp.sum(cos * m, axis=(1, 2)) / (jnp.sum(m, axis=(1, 2)) + 1e-6)
+  return -jnp.mean(per_image)
+
+
+class PixelMLP(nn.Module):
+  """A stack of 1x1 convolutions = per-pixel Linear(+BN+ReLU) layers over (B, H, W, C)."""
+  hidden: tuple
+  out: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    return MLP(tuple(self.hidden), self.out, use_bn=True, out_bias=True, dtype=self.dtype,
+               name="mlp")(x, train=train)
+
+
+class PixPro(Objective):
+  image_size: int = 32
+  total_steps: int = 0          # filled in by the trainer (0: constant base momentum)
+  view_size: int = 0            # 0: image_size
+  crop_scale: tuple = (0.08, 1.0)
+  proj_hidden: int = 4096
+  proj_dim: int = 256
+  ppm_gamma: float = 2.0
+  ppm_layers: int = 1
+  pos_ratio: float = 0.7
+  base_momentum: float = 0.99
+  instance_weight: float = 0.0  # > 0: PixPro+ (the instance branch)
+  pred_hidden: int = 4096
+  jitter_strength: float = 0.5  # brightness/contrast/saturation 0.4, hue 0.1
+  jitter_prob: float = 0.8
+  grayscale_prob: float = 0.2
+  blur_probs: tuple = (1.0, 0.1)
+  solarize_probs: tuple = (0.0, 0.2)
+  dtype: Any = jnp.float32
+
+  def validate(self, *, image_size, dataset, batch_size=0):
+    del dataset, batch_size
+    if self.view_size < 0 or self.view_size > 8 * image_size:
+      raise UserError(f"objective pixpro: view_size={self.view_size} must be in [0, "
+                      f"{8 * image_size}] (0 = image_size {image_size})")
+    if not 0 < self.pos_ratio:
+      raise UserError(f"objective pixpro: pos_ratio={self.pos_ratio} must be > 0 (0.7 in "
+                      "the reference)")
+    if self.ppm_layers not in (1, 2):
+      raise UserError(f"objective pixpro: ppm_layers={self.ppm_layers} must be 1 or 2")
+    for name in ("proj_hidden", "proj_dim", "pred_hidden"):
+      if getattr(self, name) < 1:
+        raise UserError(f"objective pixpro: {name}={getattr(self, name)} must be >= 1")
+    if self.instance_weight < 0:
+      raise UserError(f"objective pixpro: instance_weight={self.instance_weight} must be >= 0")
+    if not 0 <= self.base_momentum <= 1:
+      raise UserError(f"objective pixpro: base_momentum={self.base_momentum} must be in "
+                      "[0, 1]")
+    for name in ("blur_probs", "solarize_probs"):
+      if len(getattr(self, name)) != 2:
+        raise UserError(f"objective pixpro: {name}={getattr(self, name)!r} must give one "
+                        "probability per view (two)")
+
+  def post_update(self, state, params, step):
+    m = (ema.cosine_momentum(step, self.total_steps, self.base_momentum) if self.total_steps
+         else self.base_momentum)
+    return {**state, "teacher": ema.ema_update(state["teacher"], params, m)}
+
+  def _views(self, batch):
+    size = self.view_size or self.image_size
+    views, boxes = [], []
+    keys = jax.random.split(self.make_rng("augment"), 2)
+    for v in range(2):
+      cfg = augment.default_view_config(
+          crop_scale=tuple(self.crop_scale), jitter_strength=self.jitter_strength,
+          jitter_prob=self.jitter_prob, grayscale_prob=self.grayscale_prob,
+          blur_prob=self.blur_probs[v], solarize_prob=self.solarize_probs[v])
+      x, box = augment.view_augment(keys[v], batch, cfg, size)
+      views.append(x)
+      boxes.append(box)
+    return views, boxes
+
+  @nn.compact
+  def __call__(self, encoder, batch, *, train, step):
+    del step
+    (view_a, view_b), (box_a, box_b) = self._views(batch)
+    b = view_a.shape[0]
+    both = jnp.concatenate([view_a, view_b])
+    out = encoder(both, train=train)
+    stride = max(out.maps)
+    fmap = out.maps[stride]
+    _, h, w, _ = fmap.shape
+    if h < 2 or w < 2:
+      raise UserError(
+          f"objective pixpro needs a feature map of at least 2x2 pixels; the encoder's "
+          f"deepest map (stride {stride}) is {h}x{w} for {both.shape[1]} px views; set "
+          f"objectives.pixpro.view_size above {stride} (e.g. {3 * stride // 2}) or use an "
+          "encoder with a smaller stride (e.g. encoder.cifar_stem=True)")
+
+    projector = PixelMLP((self.proj_hidden,), self.proj_dim, self.dtype, name="projector")
+    x = projector(fmap, train=train)
+    if self.ppm_layers == 1:
+      g = nn.Dense(self.proj_dim, dtype=self.dtype, name="ppm_transform")
+      gx = g(x).astype(jnp.float32)
+    else:
+      gx = PixelMLP((self.proj_dim,), self.proj_dim, self.dtype, name="ppm_transform")(
+          x, train=train)
+    y = propagate(x, gx, self.ppm_gamma)
+
+    instance_projector = None
+    if self.instance_weight > 0:
+      instance_projector = PixelMLP((self.proj_hidden,), self.proj_dim, self.dtype,
+                                    name="instance_projector")
+      q_inst = jnp.mean(instance_projector(fmap, train=train), axis=(1, 2))
+      q_inst = MLP((self.pred_hidden,), self.proj_dim, dtype=self.dtype, name="predictor")(
+          q_inst, train=train)
+
+    # The key network: EMA of the encoder and the projector(s), created at init as a copy.
+    followed = [(encoder, encoder.path), (projector, projector.path)]
+    if instance_projector is not None:
+      followed.append((instance_projector, instance_projector.path))
+    teacher = self.variable(
+        "objective_state", "teacher",
+        lambda: ema.merge(*[ema.mirror(p, m.variables["params"]) for m, p in followed]))
+    t_out = ema.apply_teacher(encoder, ema.lookup(teacher.value, encoder.path), both,
+                              train=train, batch_stats=ema.module_batch_stats(encoder))
+    t_map = t_out.maps[stride]
+    key = ema.apply_teacher(projector, ema.lookup(teacher.value, projector.path), t_map,
+                            train=train, batch_stats=ema.module_batch_stats(projector))
+
+    mask_ab = positive_pairs(box_a, box_b, h, w, self.pos_ratio)
+    mask_ba = jnp.swapaxes(mask_ab, 1, 2)
+    loss = 0.5 * (pixel_consistency_loss(y[:b], key[b:], mask_ab)
+                  + pixel_consistency_loss(y[b:], key[:b], mask_ba))
+    metrics = {"pos_share": jnp.mean(mask_ab.astype(jnp.float32)),
+               "pos_images": jnp.mean(jnp.any(mask_ab, axis=(1, 2)).astype(jnp.float32)),
+               "pixel_loss": loss}
+    if instance_projector is not None:
+      k_inst = ema.apply_teacher(
+          instance_projector, ema.lookup(teacher.value, instance_projector.path), t_map,
+          train=train, batch_stats=ema.module_batch_stats(instance_projector))
+      k_inst = l2_normalize(jnp.mean(k_inst, axis=(1, 2)))
+      q = l2_normalize(q_inst)
+      inst = -0.5 * (jnp.mean(jnp.sum(q[:b] * k_inst[b:], -1))
+                     + jnp.mean(jnp.sum(q[b:] * k_inst[:b], -1)))
+      metrics["instance_loss"] = inst
+      loss = loss + self.instance_weight * inst
+    return ObjectiveOutput(loss=loss, metrics=metrics, probe_features=out.pooled[:b])
