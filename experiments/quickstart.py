@@ -24,7 +24,22 @@ _OVERRIDES = {
     # 8 px patches (auto size in 10 px cells) would shrink to 1x1 after the tiny CNN's
     # first two strides: resize them to 16 px. A 512-wide head keeps the CPU step short.
     "context": {"patch_input_size": 16, "head_hidden": (512,)},
+    # A light decoder for 64 tokens of ViT-Tiny (the reference's 8 x 512 is for ViT-B).
+    "mae": {"decoder_depth": 2, "decoder_width": 128, "decoder_heads": 4},
 }
+
+# Objectives that need their own kind of encoder: the entry picks it, so every entry runs
+# with the same command (the first such objective of a combination decides).
+_ENCODERS = {
+    # MAE drops tokens, so it needs a ViT: ViT-Tiny with 4 px patches (8x8 tokens at
+    # 32 px), features pooled by the mean of the patch tokens.
+    "mae": {"name": "vit_ti", "patch_size": 4, "pooling": "mean"},
+    # SparK masks the encoder's coarsest grid; the tiny CNN's is 2x2 at 32 px, a ResNet
+    # with the CIFAR stem has a 4x4 grid of 8 px cells.
+    "spark": {"name": "resnet18", "width_multiplier": 0.25, "cifar_stem": True},
+}
+# ... and optimizer settings (AdamW as everywhere here; a ViT wants b2 0.95 and decay).
+_OPTIMIZERS = {"mae": {"lr": 1e-3, "b2": 0.95, "weight_decay": 0.05}}
 
 
 def get_config(objectives: str = "rotation"):
@@ -45,6 +60,13 @@ def get_config(objectives: str = "rotation"):
   c.optimizer.scale_with_batch = False
   c.optimizer.warmup_steps = 20
   c.optimizer.weight_decay = 1e-4
+  names = objectives.split("+")
+  for name in names:
+    if name in _ENCODERS:
+      c.encoder = dict(_ENCODERS[name])
+      for key, value in _OPTIMIZERS.get(name, {}).items():
+        c.optimizer[key] = value
+      break
   c.probe.enabled = True
   c.probe.train_examples = 5000
   c.probe.test_examples = 2000

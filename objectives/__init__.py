@@ -15,6 +15,8 @@ REGISTRY: dict[str, str] = {
     "inpainting": "objectives.inpainting:Inpainting",
     "counting": "objectives.counting:Counting",
     "nat": "objectives.nat:NoiseAsTargets",
+    "spark": "objectives.spark:SparK",
+    "mae": "objectives.mae:MAE",
 }
 
 

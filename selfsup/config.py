@@ -44,6 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.on_nonfinite = "stop"        # non-finite loss/gradients: stop | skip (the update)
   c.train.online_probe = True          # linear head on stop-gradient features, if labels
   c.train.progress_bar = True
+  c.train.image_every = 500            # objectives with pictures (SparK, MAE): a PNG grid
+                                       # in WORKDIR/images/ and TensorBoard (0 = never)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"             # sgd | lars | adamw | lamb
@@ -93,6 +95,9 @@ def validate(config) -> None:
     value = config.train[key]
     if not isinstance(value, int) or value < 1:
       raise UserError(f"config.train.{key} must be an integer >= 1 ({meaning}), got {value!r}")
+  if not isinstance(config.train.image_every, int) or config.train.image_every < 0:
+    raise UserError(f"config.train.image_every must be an integer >= 0 (0 = no pictures), "
+                    f"got {config.train.image_every!r}")
   if config.train.on_nonfinite not in NONFINITE_CHOICES:
     raise UserError(f"config.train.on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, "
                     f"not {config.train.on_nonfinite!r}")

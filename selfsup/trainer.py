@@ -308,6 +308,8 @@ class Trainer:
           counts = self._check_nonfinite(done, counts, logger)
         elif save_now:
           counts = self._check_nonfinite(done, counts, logger)
+        if c.train.image_every and (done % c.train.image_every == 0 or done == total):
+          self.write_images(done, batch, logger)
         logger.advance(done)
         if stop_after is not None and ran >= stop_after:
           failing = False
@@ -355,6 +357,20 @@ class Trainer:
     logger.message(f"warning: skipped {window} step(s) with non-finite loss or gradients in "
                    f"steps {since + 1}-{done} (train.on_nonfinite=skip; {total} so far)")
     return (jnp.zeros_like(counts[0]),) + tuple(counts[1:])
+
+  def write_images(self, step: int, batch, logger, count: int = 8) -> None:
+    """Objectives with pictures (`Objective.images`): a PNG grid of the first `count`
+    examples of this host batch, in eval mode, outside the jitted step."""
+    if not any(t.has_images for t in self.model.objectives):
+      return
+    if not hasattr(self, "_images_fn"):
+      from objectives.base import objective_images
+      self._images_fn = jax.jit(functools.partial(objective_images, self.model))
+    small = {k: np.asarray(batch[k])[:count] for k in ("image", "valid") if k in batch}
+    variables = {k: self.state[k] for k in ("params", "batch_stats", "objective_state")}
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+    for name, grid in jax.device_get(self._images_fn(variables, small, key)).items():
+      logger.image(step, name, grid)
 
   def save(self, step: int) -> None:
     self.checkpointer.save(
