@@ -39,7 +39,7 @@ def test_parameter_counts_match_the_published_sizes(size, millions):
 def small():
   model = ConvNeXt(**SMALL)
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
   # Layer scales at 1 (not 1e-6) so every block visibly changes its input.
   variables = jax.tree_util.tree_map_with_path(
       lambda p, v: jnp.ones_like(v) if p[-1].key == "gamma" else v, variables)

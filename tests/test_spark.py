@@ -70,7 +70,7 @@ def test_random_mask_hides_the_same_count_in_every_image():
 def resnet():
   model = ResNet(depth=18, width_multiplier=0.125, cifar_stem=True, zero_init_residual=False)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
   mask = jax.random.uniform(jax.random.key(3), (2, 4, 4)) < 0.5
   return model, variables, x, mask
 
