@@ -360,16 +360,21 @@ class Trainer:
 
   def write_images(self, step: int, batch, logger, count: int = 8) -> None:
     """Objectives with pictures (`Objective.images`): a PNG grid of the first `count`
-    examples of this host batch, in eval mode, outside the jitted step."""
+    examples of the global batch, in eval mode, outside the jitted step (every process
+    calls it; process 0 writes)."""
     if not any(t.has_images for t in self.model.objectives):
       return
     if not hasattr(self, "_images_fn"):
       from objectives.base import objective_images
-      self._images_fn = jax.jit(functools.partial(objective_images, self.model))
-    small = {k: np.asarray(batch[k])[:count] for k in ("image", "valid") if k in batch}
+
+      def images(variables, batch, key):  # the global batch's first examples, every host
+        small = {k: batch[k][:count] for k in ("image", "valid") if k in batch}
+        return objective_images(self.model, variables, small, key)
+      self._images_fn = jax.jit(images, out_shardings=sharding.replicated(self.mesh))
     variables = {k: self.state[k] for k in ("params", "batch_stats", "objective_state")}
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
-    for name, grid in jax.device_get(self._images_fn(variables, small, key)).items():
+    grids = self._images_fn(variables, self.shard_batch(batch), key)
+    for name, grid in jax.device_get(grids).items():
       logger.image(step, name, grid)
 
   def save(self, step: int) -> None:
