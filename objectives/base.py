@@ -125,8 +125,7 @@ def objective_images(model, variables: dict, batch: dict, key) -> dict:
   out = {}
   for name, template in zip(model.names, model.objectives):
     if template.has_images:
-      rows = _Images(model.encoder, template, name).apply(
-          {k: v for k, v in variables.items()}, batch, key)
+      rows = _Images(model.encoder, template, name).apply(variables, batch, key)
       out[name] = image_grid([rows[k] for k in rows])
   return out
 
