@@ -1,4 +1,4 @@
-"""Encoders by name: ResNet family, ViT, and a tiny CNN for tests.
+"""Encoders by name: ResNet family, ConvNeXt, ViT, and a tiny CNN for tests.
 
 Every encoder is a Flax module called as `encoder(images, *, train, mask=None)` and
 returning an `EncoderOutput(pooled, maps)`.
@@ -9,6 +9,9 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from encoders.common import EncoderOutput, PatchMask
+from encoders.convnext import REMAT as CONVNEXT_REMAT
+from encoders.convnext import SIZES as CONVNEXT_SIZES
+from encoders.convnext import ConvNeXt
 from encoders.resnet import REMAT, ResNet, check_remat
 from encoders.tiny_cnn import TinyCNN
 from encoders.vit import SIZES as VIT_SIZES
@@ -36,6 +39,19 @@ def _vit(size):
   return build
 
 
+def _convnext(size):
+  depths, widths = CONVNEXT_SIZES[size]
+
+  def build(dtype, drop_path=0.0, layer_scale_init=1e-6, remat="none"):
+    if remat not in CONVNEXT_REMAT:
+      raise UserError(f"encoder.remat must be one of {', '.join(CONVNEXT_REMAT)}, not {remat!r}")
+    if not 0 <= float(drop_path) < 1:
+      raise UserError(f"encoder.drop_path must be in [0, 1), got {drop_path}")
+    return ConvNeXt(depths=depths, widths=widths, drop_path=float(drop_path),
+                    layer_scale_init=float(layer_scale_init), remat=remat, dtype=dtype)
+  return build
+
+
 def _tiny_cnn(dtype, width_multiplier=1.0):
   return TinyCNN(widths=tuple(max(4, int(w * width_multiplier)) for w in (16, 32, 64, 128)),
                  dtype=dtype)
@@ -45,6 +61,7 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "tiny_cnn": _tiny_cnn,
     **{f"resnet{d}": _resnet(d) for d in (18, 34, 50, 101, 152)},
     **{f"vit_{s}": _vit(s) for s in VIT_SIZES},
+    **{f"convnext_{s}": _convnext(s) for s in CONVNEXT_SIZES},
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -52,3 +52,22 @@ def masked_mean(x: jax.Array, m) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
   m = m.astype(x.dtype)
   return jnp.sum(x * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1)
+
+
+def gather_visible(tokens: jax.Array, visible: jax.Array, num_visible: int):
+  """The visible tokens of each row, in grid order, with a static count.
+
+  tokens: (B, L, D); visible: (B, L) bool with exactly `num_visible` True per row.
+  Returns ((B, num_visible, D) tokens, (B, num_visible) their positions).
+  """
+  order = jnp.argsort(~visible, axis=1, stable=True)
+  keep = order[:, :num_visible]
+  return jnp.take_along_axis(tokens, keep[..., None], axis=1), keep
+
+
+def scatter_tokens(tokens: jax.Array, keep: jax.Array, length: int, fill=0.0) -> jax.Array:
+  """The inverse of `gather_visible` (MAE's unshuffle): (B, n, D) tokens back to their
+  positions `keep` on (B, length, D); the other positions hold `fill` (a scalar or (D,))."""
+  b, _, d = tokens.shape
+  grid = jnp.broadcast_to(jnp.asarray(fill, tokens.dtype), (b, length, d))
+  return grid.at[jnp.arange(b)[:, None], keep].set(tokens)

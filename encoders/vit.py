@@ -11,8 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from encoders.common import EncoderOutput, PatchMask, gather_visible, scatter_tokens
 from encoders.resnet import check_remat
-from encoders.common import EncoderOutput, PatchMask
 
 SIZES = {  # name: (width, depth, mlp_dim, heads)
     "ti": (192, 12, 768, 3),
@@ -76,11 +76,8 @@ class ViT(nn.Module):
       if not isinstance(mask, PatchMask):
         raise TypeError("ViT needs a PatchMask (visible grid + static visible count) to "
                         "drop tokens under jit")
-      flat = mask.visible.reshape(b, gh * gw)
-      # Visible tokens first, in grid order; keep the (static) count of them.
-      order = jnp.argsort(~flat, axis=1, stable=True)
-      keep = order[:, :mask.num_visible]
-      x = jnp.take_along_axis(x, keep[..., None], axis=1)
+      # Visible tokens in grid order, a static count of them.
+      x, keep = gather_visible(x, mask.visible.reshape(b, gh * gw), mask.num_visible)
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d)).astype(self.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
@@ -102,8 +99,7 @@ class ViT(nn.Module):
       tokens = x
       pooled = jnp.mean(tokens, axis=1)
     if keep is not None:
-      grid = jnp.zeros((b, gh * gw, d), tokens.dtype)
-      tokens = grid.at[jnp.arange(b)[:, None], keep].set(tokens)
+      tokens = scatter_tokens(tokens, keep, gh * gw)
     return EncoderOutput(pooled.astype(jnp.float32),
                          {self.patch_size: tokens.reshape(b, gh, gw, d)})
 

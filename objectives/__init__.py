@@ -20,6 +20,8 @@ REGISTRY: dict[str, str] = {
     "gsimclr": "objectives.gsimclr:GSimCLR",
     "obow": "objectives.obow:OBoW",
     "pixpro": "objectives.pixpro:PixPro",
+    "spark": "objectives.spark:SparK",
+    "mae": "objectives.mae:MAE",
 }
 
 

@@ -21,6 +21,12 @@ Three optional hooks cover what cannot be a gradient step:
   to do, or a new state that the trainer puts back on the devices.
 - `optimizer_groups()`: extra parameter groups with their own optimizer, e.g. a GAN
   discriminator, as {label: (path predicate, optax transform builder)}.
+- `images(encoder, batch, key)`: what the objective does, as pictures (masked modeling:
+  originals, masked inputs, reconstructions). Called bound, outside the jitted step,
+  every `config.train.image_every` steps (`objective_images`); the trainer writes the
+  grid as a PNG to `WORKDIR/images/` and to TensorBoard. Objectives that have pictures
+  set `has_images = True` and define their submodules in `setup()` so both `__call__`
+  and `images` reach them.
 Evaluation may read an objective's features its own way: `eval_features(encoder_fn,
 images)` (default None: whole images), e.g. context prediction's grid of patches.
 The trainer never names a specific objective; objectives never mention devices.
@@ -56,6 +62,8 @@ class Objective(nn.Module):
   needs_stable_indices = False
   # Whether `host_update` must run between steps.
   has_host_hook = False
+  # Whether `images` returns pictures of what the objective does.
+  has_images = False
 
   def __call__(self, encoder, batch: dict, *, train: bool, step) -> ObjectiveOutput:
     raise NotImplementedError
@@ -74,6 +82,11 @@ class Objective(nn.Module):
     return state
 
   def optimizer_groups(self) -> dict:
+    return {}
+
+  def images(self, encoder, batch: dict, key) -> dict:
+    """{row name: float (N, H, W, 3) in [0, 1]} to look at (bound; see module docstring)."""
+    del encoder, batch, key
     return {}
 
   def validate(self, *, image_size: int, dataset, batch_size: int = 0) -> None:
@@ -99,6 +112,40 @@ class Objective(nn.Module):
     """
     del encoder_fn, images
     return None
+
+
+class _Images(nn.Module):
+  """Binds one objective of a PretextModel (same parameter paths) to call its `images`."""
+  encoder: nn.Module
+  template: nn.Module
+  objective_name: str
+
+  @nn.compact
+  def __call__(self, batch, key):
+    objective = self.template.clone(parent=self, name=self.objective_name)
+    return objective.images(self.encoder, batch, key)
+
+
+def objective_images(model, variables: dict, batch: dict, key) -> dict:
+  """{objective name: uint8 grid (rows of images side by side)} for every objective of
+  `model` (a PretextModel) with `has_images`; pure, jittable (eval mode)."""
+  out = {}
+  for name, template in zip(model.names, model.objectives):
+    if template.has_images:
+      rows = _Images(model.encoder, template, name).apply(variables, batch, key)
+      out[name] = image_grid([rows[k] for k in rows])
+  return out
+
+
+def image_grid(rows, pad: int = 2) -> jax.Array:
+  """Rows of (N, H, W, 3) float images in [0, 1] -> one uint8 (R(H+pad)+pad, ..., 3) grid."""
+  n, h, w, _ = rows[0].shape
+  grid = jnp.ones((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), jnp.float32)
+  for r, row in enumerate(rows):
+    for i in range(n):
+      y, x = pad + r * (h + pad), pad + i * (w + pad)
+      grid = grid.at[y:y + h, x:x + w].set(jnp.clip(row[i].astype(jnp.float32), 0, 1))
+  return jnp.round(grid * 255).astype(jnp.uint8)
 
 
 def require_negatives(name: str, batch_size: int) -> None:

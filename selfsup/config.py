@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   # $XDG_CACHE_HOME/selfsup/jax), "workdir" (DIR/jax_cache), a folder, or "off".
   # JAX_COMPILATION_CACHE_DIR, when set, wins over "user".
   c.train.compile_cache = "user"
+  c.train.image_every = 500            # objectives with pictures (SparK, MAE): a PNG grid
+                                       # in WORKDIR/images/ and TensorBoard (0 = never)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"             # sgd | lars | adamw | lamb
@@ -121,6 +123,9 @@ def validate(config) -> None:
     value = config.train[key]
     if not isinstance(value, int) or value < 1:
       raise UserError(f"config.train.{key} must be an integer >= 1 ({meaning}), got {value!r}")
+  if not isinstance(config.train.image_every, int) or config.train.image_every < 0:
+    raise UserError(f"config.train.image_every must be an integer >= 0 (0 = no pictures), "
+                    f"got {config.train.image_every!r}")
   if config.train.on_nonfinite not in NONFINITE_CHOICES:
     raise UserError(f"config.train.on_nonfinite must be one of {', '.join(NONFINITE_CHOICES)}, "
                     f"not {config.train.on_nonfinite!r}")

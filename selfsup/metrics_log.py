@@ -48,6 +48,20 @@ class MetricsLogger:
       self._bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                             img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
 
+  def image(self, step: int, name: str, image) -> str | None:
+    """Writes a uint8 (H, W, 3) image to WORKDIR/images/NAME_STEP.png and TensorBoard."""
+    if not self.main:
+      return None
+    import numpy as np
+    from PIL import Image
+    folder = os.path.join(os.path.dirname(self.path), "images")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}_{step:07d}.png")
+    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    if self._tb is not None:
+      self._tb.add_image(f"images/{name}", np.asarray(image), step, dataformats="HWC")
+    return path
+
   def advance(self, step: int) -> None:
     if self._bar is not None:
       self._bar.update(step - self._bar.n)

@@ -480,6 +480,8 @@ class Trainer:
           counts = self._check_nonfinite(done, counts, logger)
         elif save_now:
           counts = self._check_nonfinite(done, counts, logger)
+        if c.train.image_every and (done % c.train.image_every == 0 or done == total):
+          self.write_images(done, batch, logger)
         logger.advance(done)
         if stop_after is not None and ran >= stop_after:
           failing = False
@@ -538,6 +540,25 @@ class Trainer:
     logger.message(f"warning: skipped {window} step(s) with non-finite loss or gradients in "
                    f"steps {since + 1}-{done} (train.on_nonfinite=skip; {total} so far)")
     return (jnp.zeros_like(counts[0]),) + tuple(counts[1:])
+
+  def write_images(self, step: int, batch, logger, count: int = 8) -> None:
+    """Objectives with pictures (`Objective.images`): a PNG grid of the first `count`
+    examples of the global batch, in eval mode, outside the jitted step (every process
+    calls it; process 0 writes)."""
+    if not any(t.has_images for t in self.model.objectives):
+      return
+    if not hasattr(self, "_images_fn"):
+      from objectives.base import objective_images
+
+      def images(variables, batch, key):  # the global batch's first examples, every host
+        small = {k: batch[k][:count] for k in ("image", "valid") if k in batch}
+        return objective_images(self.model, variables, small, key)
+      self._images_fn = jax.jit(images, out_shardings=sharding.replicated(self.mesh))
+    variables = {k: self.state[k] for k in ("params", "batch_stats", "objective_state")}
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+    grids = self._images_fn(variables, self.shard_batch(batch), key)
+    for name, grid in jax.device_get(grids).items():
+      logger.image(step, name, grid)
 
   def save(self, step: int) -> None:
     self.checkpointer.save(
