@@ -4,7 +4,8 @@ Layers are named:
   strideS   the global average of `EncoderOutput.maps[S]` (a convnet's stage output at
             stride S; ViT's final token grid),
   NAME      a direct sub-module of the encoder whose output is a token sequence
-            (B, T, D), averaged over tokens: ViT's `block0`, `block1`, ... (found with
+            (B, T, D), averaged over tokens, in call order: ViT's `block0`, ...,
+            `block11`, `ln_final` (found with
             Flax's `capture_intermediates`, so any encoder built of blocks gets them),
   pooled    the encoder's pooled output (what every other probe reads).
 
@@ -14,8 +15,6 @@ serves every layer's probe.
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +43,7 @@ def _all_layers(encoder, variables, images):
     y = value["__call__"][0]
     if hasattr(y, "ndim") and y.ndim == 3:
       blocks.append((name, jnp.mean(y.astype(jnp.float32), axis=1)))
-  key = lambda item: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
-  layers.update(sorted(blocks, key=key))
+  layers.update(blocks)  # in call order
   layers["pooled"] = out.pooled.astype(jnp.float32)
   return layers
 
@@ -53,8 +51,15 @@ def _all_layers(encoder, variables, images):
 def layer_specs(encoder, variables, image_size: int) -> list[tuple[str, int]]:
   """[(layer name, feature width)] of the encoder, in network order."""
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda v, x: _all_layers(encoder, v, x), variables, x)
-  return [(name, int(s.shape[-1])) for name, s in shapes.items()]
+  names = []
+
+  def fn(v, x):
+    layers = _all_layers(encoder, v, x)
+    names.extend(layers)  # the network order (pytrees would sort a dict's keys)
+    return list(layers.values())
+
+  shapes = jax.eval_shape(fn, variables, x)
+  return [(name, int(s.shape[-1])) for name, s in zip(names, shapes)]
 
 
 def select_layers(specs, choice: str) -> list[tuple[str, int]]:

@@ -67,7 +67,8 @@ def test_fewshot_cli_bad_shots_one_line(run_dir, tmp_path):
     ("resnet18", {"width_multiplier": 0.25}, 32,
      [("stride4", 16), ("stride8", 32), ("stride16", 64), ("stride32", 128), ("pooled", 128)]),
     ("vit_ti", {"patch_size": 8}, 16,
-     [("stride8", 192)] + [(f"block{i}", 192) for i in range(12)] + [("pooled", 192)]),
+     [("stride8", 192)] + [(f"block{i}", 192) for i in range(12)]
+     + [("ln_final", 192), ("pooled", 192)]),
 ])
 def test_per_layer_feature_shapes(name, options, size, expected):
   import jax
