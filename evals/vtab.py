@@ -20,6 +20,7 @@ where it stopped. From a notebook: `evaluate_checkpoint("runs/x", "offline")`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -316,7 +317,7 @@ def main(argv):
     if resolution < 8:
       raise UserError(f"--resolution must be >= 8, got {resolution}")
   elif f.resolution == "run":
-    task_list = [t.__class__(**{**t.__dict__, "resolution": None}) for t in task_list]
+    task_list = [dataclasses.replace(t, resolution=None) for t in task_list]
   cache_dir = None if f.cache_dir == "none" else f.cache_dir
   report = evaluate_checkpoint(f.checkpoint, task_list, random_init=f.random_init,
                                step=f.step, protocol=f.protocol, data_dir=f.data_dir,
