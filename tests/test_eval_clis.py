@@ -53,12 +53,12 @@ def test_knn_and_fewshot_clis_match_the_functions(run_dir, tmp_path, module, ext
       assert result[key] == pytest.approx(expected[key])
 
 
-def test_fewshot_cli_bad_shots_one_line(run_dir, tmp_path):
-  from test_errors import _assert_one_line_error
-  proc = run_cli(["-m", "evals.fewshot", "--checkpoint", run_dir, "--dataset",
-                  "synthetic:shapes", "--shots", "1,x", "--output", str(tmp_path / "o.json")])
-  _assert_one_line_error(proc, "--shots", "integers")
-  assert not (tmp_path / "o.json").exists()
+def test_fewshot_bad_shots_are_refused():
+  from evals.fewshot import _ints
+  from selfsup.errors import UserError
+  assert _ints("1,5, 10", "--shots") == [1, 5, 10]
+  with pytest.raises(UserError, match="--shots must be comma-separated integers"):
+    _ints("1,x", "--shots")
 
 
 @pytest.mark.parametrize("name,options,size,expected", [
