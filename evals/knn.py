@@ -1,5 +1,10 @@
 """Non-parametric probes on frozen features: weighted kNN and few-shot ridge regression.
 
+From the command line (one JSON object, like the linear probe):
+
+    python -m evals.knn --checkpoint DIR --dataset SOURCE [--k 20] [--temperature 0.07]
+    python -m evals.fewshot --checkpoint DIR --dataset SOURCE [--shots 1,5,10,25]
+
 Both take precomputed features and integer labels and return accuracies in percent as
 python floats (EVALUATION.md, "Weighted kNN" and "Few-shot ridge regression").
 
@@ -231,3 +236,48 @@ def fewshot_ridge(
     result[f'{n}shot'] = float(np.mean(accs))
     result[f'{n}shot_std'] = float(np.std(accs))
   return result
+
+
+# ----------------------------------------------------------------------------------------
+# `python -m evals.knn`
+
+
+def knn_checkpoint(run, *, k: int = 20, temperature: float = 0.07, feature_cache=None) -> dict:
+  """Weighted kNN on a loaded run (`evals.linear_probe.load_checkpoint`)."""
+  import time
+  t0 = time.perf_counter()
+  splits = run.splits(cache_dir=feature_cache)
+  (tx, ty), (sx, sy) = splits['train'], splits['test']
+  t1 = time.perf_counter()
+  result = knn_classify(tx, ty, sx, sy, k=k, temperature=temperature)
+  result.update(k=int(k), temperature=float(temperature), num_train=int(len(ty)),
+                num_test=int(len(sy)), feature_dim=int(tx.shape[1]),
+                feature_seconds=t1 - t0, knn_seconds=time.perf_counter() - t1, **run.meta())
+  return result
+
+
+def _main(argv):
+  del argv
+  from absl import flags
+
+  from evals import linear_probe
+  from selfsup.errors import UserError
+  f = flags.FLAGS
+  linear_probe.check_data_flags(f, 'usage: python -m evals.knn --checkpoint DIR --dataset '
+                                   'SOURCE [--k 20] [--temperature 0.07] [--output FILE.json]')
+  if f.k < 1 or f.temperature <= 0:
+    raise UserError(f'--k must be >= 1 and --temperature > 0; got {f.k} and {f.temperature}')
+  result = knn_checkpoint(linear_probe.loaded_from_flags(f), k=f.k, temperature=f.temperature,
+                          feature_cache=f.feature_cache)
+  linear_probe.emit(result, f.output)
+
+
+if __name__ == '__main__':
+  from absl import flags as _flags
+
+  from evals import linear_probe as _lp
+  from selfsup import cli as _cli
+  _lp.define_data_flags()
+  _flags.DEFINE_integer('k', 20, 'neighbours')
+  _flags.DEFINE_float('temperature', 0.07, 'T of the exp(s / T) votes')
+  _cli.run_main(_main)

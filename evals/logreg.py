@@ -265,6 +265,7 @@ def linear_probe(
     refine: bool = True,
     seed: int = 0,
     max_iter: int = 1000,
+    val_mask: Any = None,
 ) -> dict[str, Any]:
   """L-BFGS linear probe with an l2 sweep on a held-out split (EVALUATION.md).
 
@@ -289,6 +290,8 @@ def linear_probe(
     refine: whether to refine around the best grid value.
     seed: seed of the validation split.
     max_iter: L-BFGS iteration cap per fit.
+    val_mask: optional [N] boolean: these training rows are the validation split
+      (VTAB's val200) instead of a stratified random `val_fraction`.
 
   Returns:
     A JSON-serialisable dict: 'top1', 'top5' (test, percent; 'top5' is 100.0 with at
@@ -317,7 +320,13 @@ def linear_probe(
   if not grid:
     raise ValueError('l2_grid is empty')
 
-  val_np = _stratified_val_mask(train_y_np, val_fraction, seed)
+  if val_mask is not None:
+    val_np = np.asarray(val_mask, bool).reshape(-1)
+    if val_np.size != train_y_np.size:
+      raise ValueError(f'val_mask has {val_np.size} rows, the training features '
+                       f'{train_y_np.size}')
+  else:
+    val_np = _stratified_val_mask(train_y_np, val_fraction, seed)
   num_val = int(val_np.sum())
   if num_val == 0 and (len(grid) > 1 or refine):
     raise ValueError(

@@ -88,7 +88,8 @@ def _jitted(feature_fn: Callable, mesh):
 def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
                     batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
                     num_workers: int = 0, devices=None, crop_fraction: float = 1.0,
-                    nonfinite_message: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    nonfinite_message: str | None = None,
+                    progress=None) -> tuple[np.ndarray, np.ndarray]:
   """Features and labels of a source, extracted batch by batch.
 
   Args:
@@ -106,6 +107,7 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
     devices: devices of the mesh (default: all).
     nonfinite_message: if given, a batch with a NaN or infinite feature raises
       UserError(nonfinite_message) at once.
+    progress: a tqdm-like bar: reset to the number of batches, advanced per batch.
 
   Returns:
     features float32 (N, D) and labels int32 (N,), in source order.
@@ -147,6 +149,8 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
   keep = np.zeros((n,), bool)
   # Row r of process p's part of step s is list entry ((s * local_batch + r) * pc + p).
   local_rows = np.arange(local_batch)
+  if progress is not None:
+    progress.reset(total=steps)
   for s in range(steps):
     batch = next(iterator, None) if iterator is not None else None
     images = np.zeros((local_batch, image_size, image_size, 3), np.uint8)
@@ -171,6 +175,8 @@ def stream_features(feature_fn: Callable, variables, source, *, image_size: int,
     features[jv] = feats[valid]
     labels[jv] = labs[valid]
     keep[jv] = ok
+    if progress is not None:
+      progress.update(1)
   if features is None:
     return np.zeros((0, 0), np.float32), labels
   if not keep.all():
