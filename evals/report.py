@@ -151,6 +151,13 @@ def _order(runs):
   return (["random-init"] if "random-init" in runs else []) + names
 
 
+def _color(runs, name):
+  """One colour per run across every figure (the random-init baseline is grey)."""
+  if name == "random-init":
+    return "0.6"
+  return f"C{[n for n in _order(runs) if n != 'random-init'].index(name) % 10}"
+
+
 def plot_curves(runs, axes=None):
   """Training curves per run: one Axes per quantity of CURVES that any run logged."""
   import matplotlib.pyplot as plt
@@ -165,7 +172,8 @@ def plot_curves(runs, axes=None):
     for name in _order(runs):
       rows = [r for r in runs[name].get("curves", []) if key in r and "step" in r]
       if rows:
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name, marker=".")
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name, marker=".",
+                color=_color(runs, name))
     ax.set_xlabel("step")
     ax.set_title(label)
     ax.grid(alpha=0.3)
@@ -209,7 +217,7 @@ def plot_accuracy(runs, ax=None):
   for i, (name, row) in enumerate(table):
     values = [row.get(m, np.nan) for m in metrics]
     bars = ax.bar(x + (i - (len(table) - 1) / 2) * width, values, width, label=name,
-                  hatch="//" if name == "random-init" else None,
+                  color=_color(runs, name), hatch="//" if name == "random-init" else None,
                   edgecolor="black" if name == "random-init" else None)
     ax.bar_label(bars, fmt="%.1f", fontsize=7)
   ax.set_xticks(x, metrics)
@@ -238,10 +246,10 @@ def plot_vtab(runs, axes=None):
     off = (i - (len(names) - 1) / 2) * width
     axes[0].bar(np.arange(len(tasks)) + off,
                 [rep["tasks"].get(t, {}).get("top1", np.nan) for t in tasks], width, label=n,
-                hatch="//" if n == "random-init" else None)
+                color=_color(runs, n), hatch="//" if n == "random-init" else None)
     vals = [rep["groups"].get(g, np.nan) for g in groups[:-1]] + [rep.get("mean") or np.nan]
     bars = axes[1].bar(np.arange(len(groups)) + off, vals, width, label=n,
-                       hatch="//" if n == "random-init" else None)
+                       color=_color(runs, n), hatch="//" if n == "random-init" else None)
     axes[1].bar_label(bars, fmt="%.1f", fontsize=7)
   axes[0].set_xticks(np.arange(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
   axes[1].set_xticks(np.arange(len(groups)), groups)
@@ -263,7 +271,8 @@ def plot_layers(runs, ax=None):
     _, ax = plt.subplots(figsize=(6, 3.6))
   for n in names:
     rows = runs[n]["layers"]["layers"]
-    ax.plot([r["layer"] for r in rows], [r["top1"] for r in rows], marker="o", label=n)
+    ax.plot([r["layer"] for r in rows], [r["top1"] for r in rows], marker="o", label=n,
+            color=_color(runs, n))
   ax.set_ylabel("top-1 (%)")
   ax.set_title("linear probe per layer")
   ax.tick_params(axis="x", rotation=45)
