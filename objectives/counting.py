@@ -79,8 +79,8 @@ explains it, and training longer does not turn it around (the tile_size=32 run p
 18.75 at step 100 and 19.65 at step 300). Keeping colour is the only change that moves
 the probe above the baseline, by 0.65 points, which is within the noise: not a clear win,
 so the default stays (on CIFAR-10 `grayscale_prob=0` probes 40.15, level with the
-default's 40.35; hinge active 0.74 / 0.47 / 0.41 at steps 25 / 100 / 300). Not yet tried: other
-margins with the learned scale, a shorter crop range, several seeds.
+default's 40.35; hinge active 0.74 / 0.47 / 0.41 at steps 25 / 100 / 300). Not yet
+tried: other margins with the learned scale, a shorter crop range, several seeds.
 
 (`hinge_active` is the share of pairs (x, y) with ||phi(D y) - sum phi(T x)||^2 < M,
 logged as `counting/hinge_active` every logging step, with `counting/count_sq`, the mean
