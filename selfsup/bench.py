@@ -181,7 +181,9 @@ def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
   compiled = trainer.step_fn.lower(trainer.state, batch).compile()
   compile_warm_s = time.perf_counter() - t0
   memory = step_memory(compiled)
-  flops = step_flops(lowered, compiled)
+  # XLA's cost analysis counts a loop body once: with train.accumulate=K the K
+  # micro-batches are a scan, so scale (the optimizer update, outside it, is small).
+  flops = step_flops(lowered, compiled) * max(1, config.train.accumulate)
   state = trainer.state
   state, metrics, _ = compiled(state, batch)   # warm-up
   jax.block_until_ready(metrics)
