@@ -193,6 +193,8 @@ def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   n_dev = len(jax.devices())
+  import shutil
+  shutil.rmtree(cache, ignore_errors=True)   # the bench's own cold cache
   peak, peak_source = device_peak_flops(config.train.dtype)
   return {
       "objectives": list(config.objectives.keys()),
