@@ -79,6 +79,22 @@ def initialize_with_timeout(expected: str = "?") -> None:
                     "to run as a single process") from e
   finally:
     watchdog.cancel()
+  use_coordination_barriers()
+
+
+def use_coordination_barriers() -> None:
+  """Orbax's barriers through the coordination service, not collectives.
+
+  Orbax's default barrier is a collective (`sync_global_devices`); run from its
+  background save thread while the training loop issues the step's collectives, the
+  two orders can differ between processes and the run deadlocks after a save (seen
+  with 2 CPU processes). The coordination service's barriers do not interleave.
+  """
+  import orbax.checkpoint  # noqa: F401 - defines the flag
+  from absl import flags
+  name = "experimental_orbax_use_distributed_barrier"
+  if name in flags.FLAGS:
+    flags.FLAGS[name].value = True
 
 
 def _launcher() -> str:

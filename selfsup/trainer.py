@@ -564,6 +564,10 @@ class Trainer:
     self.checkpointer.save(
         step, self.state, {"iterator": data_lib.iterator_state_to_json(self.iterator)},
         force=True)
+    if jax.process_count() > 1:
+      # Several processes: finish the save before the next step's collectives, so that
+      # no collective of orbax's background thread interleaves with them.
+      self.checkpointer.wait()
 
   def _run_host_hooks(self, hooked, host, step, ctx):
     # Hooks get the device arrays, not host copies: NumPy converts what a hook reads

@@ -25,7 +25,7 @@ def _small(kind, remat):
   return ViT(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, remat=remat)
 
 
-@pytest.mark.parametrize("kind", ["resnet", "vit"])
+@pytest.mark.parametrize("kind", ["resnet", pytest.param("vit", marks=pytest.mark.slow)])
 def test_remat_changes_neither_names_nor_gradients(kind):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
   grads, trees = {}, {}
