@@ -115,6 +115,7 @@ def _swav_config(steps):
   return c
 
 
+@pytest.mark.slow   # 53 s on 2 cores (two Trainers); the hook itself is tested above
 def test_frozen_prototypes_and_a_killed_run_with_the_queue_on_resume_bit_exact(tmp_path):
   """One Trainer (one compile) covers freezing and resumption: steps 0 and 1 leave the
   prototypes as initialised (unit columns); the run dies after step 5 (newest checkpoint
