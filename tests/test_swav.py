@@ -115,6 +115,7 @@ def _swav_config(steps):
   return c
 
 
+@pytest.mark.slow   # 53 s on 2 cores (two Trainers); the hook itself is tested above
 def test_frozen_prototypes_and_a_killed_run_with_the_queue_on_resume_bit_exact(tmp_path):
   """One Trainer (one compile) covers freezing and resumption: steps 0 and 1 leave the
   prototypes as initialised (unit columns); the run dies after step 5 (newest checkpoint
@@ -185,10 +186,44 @@ def test_eight_devices_match_one_replicated_and_fsdp():
   """The codes' sums span the global batch: 8 devices (replicated, FSDP) give 1's run."""
   script = EIGHT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        timeout=2400, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   for name in ("eight", "fsdp"):
     np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(out[name]["params"], out["one"]["params"], rtol=1e-3, atol=2e-5)
     np.testing.assert_allclose(out[name]["queue"], out["one"]["queue"], rtol=1e-3, atol=2e-5)
+
+
+SHARDED_CODES = """
+import sys; sys.path.insert(0, {root!r})
+import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from objectives.swav import sinkhorn, swapped_prediction_loss
+rng = np.random.default_rng(0)
+s = [jnp.asarray(rng.uniform(-1, 1, (32, 20)), jnp.float32) for _ in range(4)]
+def f(*s):
+  codes = [sinkhorn(s[i], 0.05, 3) for i in range(2)]
+  return swapped_prediction_loss(list(s), codes, (0, 1), 0.1), codes[0]
+one = jax.jit(f)(*[jax.device_put(x, jax.devices()[0]) for x in s])
+sh = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+eight = jax.jit(f)(*[jax.device_put(x, sh) for x in s])
+local = np.concatenate([np.asarray(sinkhorn(s[0][i * 4:(i + 1) * 4], 0.05, 3)) for i in range(8)])
+print(json.dumps(dict(n=len(jax.devices()), loss=[float(one[0]), float(eight[0])],
+                      codes=np.abs(np.asarray(one[1]) - np.asarray(eight[1])).max().item(),
+                      local=np.abs(local - np.asarray(one[1])).max().item())))
+"""
+
+
+def test_codes_and_loss_on_a_batch_sharded_over_8_devices_equal_1():
+  """Sinkhorn's sums span the global batch: sharded over 8 devices the codes and loss are
+  1 device's, while per-shard Sinkhorn (what a missing all-reduce would give) is not."""
+  proc = subprocess.run([sys.executable, "-c", SHARDED_CODES.format(root=ROOT)],
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["n"] == 8
+  assert out["loss"][0] == pytest.approx(out["loss"][1], rel=1e-6)
+  assert out["codes"] < 1e-6 and out["local"] > 0.1

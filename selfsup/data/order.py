@@ -92,7 +92,7 @@ class ClusterBalancedMapDataset(grain.MapDataset):
     if len(self._clusters) != len(parent):
       raise UserError(f"{len(self._clusters)} cluster ids for {len(parent)} examples")
     self._seed = int(seed)
-    self._cache = (None, None)
+    self._cache = {}                    # epoch -> permutation, the two newest epochs
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -101,10 +101,13 @@ class ClusterBalancedMapDataset(grain.MapDataset):
     return "ClusterBalancedMapDataset"
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    cached_epoch, perm = self._cache
-    if cached_epoch != epoch:
+    # Reader threads straddle an epoch boundary for a few examples: keep two epochs.
+    perm = self._cache.get(epoch)
+    if perm is None:
       perm = balanced_permutation(self._clusters, self._seed, epoch)
-      self._cache = (epoch, perm)
+      newest = {e: p for e, p in self._cache.items() if e >= epoch - 1}
+      newest[epoch] = perm
+      self._cache = newest
     return perm
 
   def _ordered_index(self, index: int) -> int:
