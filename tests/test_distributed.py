@@ -30,6 +30,10 @@ import pytest
 from conftest import ROOT
 from selfsup.metrics_log import read_metrics
 
+# Four processes' worth of compiles (about 4 minutes on 2 cores): .ci/run runs these
+# after the default suite (`python -m pytest -m ci`).
+pytestmark = pytest.mark.ci
+
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 ARGS = ["--config", "experiments/quickstart.py:rotation+simclr+nat",
         "--config.data.image_size=16", "--config.train.batch_size=16",

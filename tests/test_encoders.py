@@ -70,6 +70,7 @@ def test_registry_errors_list_valid_choices():
     build_encoder(ConfigDict(dict(name="resnet18", patch_size=4)))
 
 
+@pytest.mark.ci
 def test_random_init_baseline_has_standard_residual_init():
   """Training init zero-initialises each block's last BatchNorm scale; the random-init
   baseline (evals.features) is the same architecture with every such scale 1."""

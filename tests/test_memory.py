@@ -25,7 +25,8 @@ def _small(kind, remat):
   return ViT(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, remat=remat)
 
 
-@pytest.mark.parametrize("kind", ["resnet", pytest.param("vit", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", [pytest.param("resnet", marks=pytest.mark.ci),
+                                  pytest.param("vit", marks=pytest.mark.slow)])
 def test_remat_changes_neither_names_nor_gradients(kind):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
   grads, trees = {}, {}
@@ -57,6 +58,7 @@ def test_remat_is_refused_where_an_encoder_has_none():
     validate(c)
 
 
+@pytest.mark.ci
 def test_accumulation_is_the_mean_of_the_micro_batch_gradients():
   # SGD with lr 1, no momentum or decay: new params = params - mean of micro gradients.
   c = tiny_config("rotation", batch_size=8)

@@ -103,6 +103,7 @@ def _obow_config(steps=6):
   return c
 
 
+@pytest.mark.ci
 def test_ema_teachers_get_no_gradient():
   """Gradients reach the encoder and heads, never the teachers (OBoW's and PixPro's)."""
   from selfsup.model import build_model

@@ -153,6 +153,7 @@ def test_bad_mask_ratio_on_the_command_line_is_one_line_and_exit_2(tmp_path):
   assert len(lines) == 1 and "mask_ratio=1.0" in lines[0], proc.stderr
 
 
+@pytest.mark.ci
 def test_killed_run_resumes_exactly_and_writes_pictures(tmp_path):
   c = tiny_config("spark", steps=6, batch_size=8, image_size=32)
   c.train.online_probe = False
@@ -209,6 +210,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.ci
 def test_eight_devices_match_one_for_spark_and_mae():
   script = EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
