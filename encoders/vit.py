@@ -9,6 +9,7 @@ objectives see one (B, h, w, D) layout either way.
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from encoders.common import EncoderOutput, PatchMask, gather_visible, scatter_tokens
@@ -61,6 +62,28 @@ class ViT(nn.Module):
   # whole block stack recomputed; only its input kept between the passes)
   remat: str = "none"
 
+  def _pos_embed(self, gh: int, gw: int, d: int):
+    """The learned position embeddings for a gh x gw token grid.
+
+    Created for the grid of the initialising images; read at another resolution (a
+    32 px CIFAR model probed at VTAB's 224 px, say) they are resized bilinearly on the
+    square grid they were learned on, as big_vision does when it loads a ViT at a new
+    resolution. Read with `get_variable` because `param` refuses a stored shape other
+    than the one this call would initialise.
+    """
+    if not self.has_variable("params", "pos_embed"):
+      return self.param("pos_embed", nn.initializers.normal(0.02), (1, gh * gw, d))
+    pos = self.get_variable("params", "pos_embed")
+    n = pos.shape[1]
+    if n == gh * gw:
+      return pos
+    side = int(round(n ** 0.5))
+    if side * side != n:
+      raise ValueError(f"ViT position embeddings for {n} tokens are not a square grid; "
+                       f"cannot resize them to {gh}x{gw}")
+    grid = pos.reshape(1, side, side, d).astype(jnp.float32)
+    return jax.image.resize(grid, (1, gh, gw, d), "bilinear").reshape(1, gh * gw, d)
+
   @nn.compact
   def __call__(self, images, *, train: bool, mask=None):
     del train  # No dropout or BatchNorm: train and eval are the same function.
@@ -69,8 +92,7 @@ class ViT(nn.Module):
                 padding="VALID", dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, gh * gw, d)).astype(
-        self.dtype)
+    x = x + self._pos_embed(gh, gw, d).astype(self.dtype)
     keep = None
     if mask is not None:
       if not isinstance(mask, PatchMask):

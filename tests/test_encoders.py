@@ -99,3 +99,27 @@ def test_random_init_baseline_has_standard_residual_init():
     params = block.init(jax.random.key(0), y, None)["params"]
     np.testing.assert_array_equal(params["_Masked_2"]["BatchNorm_0"]["scale"], value)
     np.testing.assert_array_equal(params["_Masked_0"]["BatchNorm_0"]["scale"], 1.0)
+
+
+def test_vit_reads_its_position_embeddings_at_another_resolution():
+  """A ViT trained at 16 px (a 4x4 grid of 4 px patches) probed at 32 px: the learned
+  position embeddings are resized bilinearly to the 8x8 grid, and at the training size
+  they are used as stored."""
+  from encoders.vit import ViT
+  vit = ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, pooling="mean")
+  small = jnp.ones((2, 16, 16, 3))
+  variables = vit.init(jax.random.PRNGKey(0), small, train=False)
+  pos = variables["params"]["pos_embed"]
+  assert pos.shape == (1, 16, 16)
+  out = vit.apply(variables, jnp.ones((2, 32, 32, 3)), train=False)
+  assert out.pooled.shape == (2, 16) and out.maps[4].shape == (2, 8, 8, 16)
+  # The resize is bilinear on the 4x4 grid: a constant embedding stays constant.
+  flat = jax.tree.map(lambda x: x, variables)
+  flat["params"]["pos_embed"] = jnp.full_like(pos, 0.5)
+  a = vit.apply(flat, jnp.ones((1, 32, 32, 3)), train=False).maps[4]
+  b = ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, pooling="mean").apply(
+      {"params": {**flat["params"], "pos_embed": jnp.full((1, 64, 16), 0.5)}},
+      jnp.ones((1, 32, 32, 3)), train=False).maps[4]
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  same = vit.apply(variables, small, train=False)
+  assert same.maps[4].shape == (2, 4, 4, 16)
