@@ -173,6 +173,15 @@ def reconstruction_rows(images, pred_patches, visible, patch: int, normalized: b
           "reconstruction": denormalize(recon)}
 
 
+def default_decoder_width(deepest: int) -> int:
+  """The decoder's width at the deepest scale when `decoder_width` is 0: 3/8 of the
+  encoder's deepest width, the reference's ratio (width 768 for ResNet-50's 2048), at
+  least 16. A decoder as wide as the encoder would cost about 2.5x the encoder's FLOPs on
+  a ResNet-18 x0.25 with the CIFAR stem (three 4x4 transposed convolutions up to 32 px);
+  at 3/8 it costs about a third of them."""
+  return max(16, (3 * deepest) // 8)
+
+
 class _UpBlock(nn.Module):
   """4x4 transposed conv (stride 2) -> conv3x3-BN-ReLU6 -> conv3x3(out)-BN."""
   out: int
@@ -189,13 +198,13 @@ class _UpBlock(nn.Module):
 
 class SparKDecoder(nn.Module):
   """Densify every scale (norm, mask token, projection) and decode UNet-style to RGB."""
-  width: int = 0      # 0: the encoder's deepest width, at most 768
+  width: int = 0      # 0: 3/8 of the encoder's deepest width (see SparK.decoder_width)
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, maps, visible, stride: int, norm: str, *, train: bool):
     deepest = maps[stride]
-    width = self.width or min(768, deepest.shape[-1])
+    width = self.width or default_decoder_width(deepest.shape[-1])
     x = None
     for i in range(int(math.log2(stride))):
       s = stride >> i
@@ -221,7 +230,9 @@ class SparKDecoder(nn.Module):
 class SparK(Objective):
   image_size: int = 32
   mask_ratio: float = 0.6
-  decoder_width: int = 0     # 0: the encoder's deepest width, at most 768 (reference: 768)
+  # 0: 3/8 of the encoder's deepest width (`default_decoder_width`): the reference's
+  # 768 for ResNet-50's 2048 channels, 48 for a ResNet-18 x0.25 (128).
+  decoder_width: int = 0
   crop_scale: tuple = (0.67, 1.0)
   dtype: Any = jnp.float32
 
@@ -230,8 +241,8 @@ class SparK(Objective):
   def __post_init__(self):
     check_mask_ratio("spark", self.mask_ratio)
     if self.decoder_width < 0:
-      raise ValueError(f"decoder_width={self.decoder_width} must be >= 0 (0 = the encoder's "
-                       "deepest width)")
+      raise ValueError(f"decoder_width={self.decoder_width} must be >= 0 (0 = 3/8 of the "
+                       "encoder's deepest width)")
     super().__post_init__()
 
   def setup(self):
