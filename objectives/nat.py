@@ -81,10 +81,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.optimize
 
 from objectives.base import Objective, ObjectiveOutput, l2_normalize
-from selfsup import augment, distributed
+from selfsup import augment
 from selfsup.errors import UserError
 
 
@@ -132,10 +133,49 @@ def reassign(targets, assignment: np.ndarray, index, features) -> np.ndarray:
   return new
 
 
+def first_occurrences(index: jax.Array) -> jax.Array:
+  """(B,) bool: True where index[i] does not occur earlier in the batch."""
+  earlier = jnp.tril(index[:, None] == index[None, :], k=-1)
+  return ~jnp.any(earlier, axis=1)
+
+
+def reassign_in_step(targets: jax.Array, assignment: jax.Array, index: jax.Array,
+                     features: jax.Array) -> jax.Array:
+  """`reassign` as a jittable function: the new (N,) assignment, in the step.
+
+  The same problem as the NumPy reference: the batch's examples (first occurrence of each
+  index) deal out the targets they hold so that sum_i z_i . c_{new(i)} is maximal, solved
+  with `optax.assignment.hungarian_algorithm` on cost -z.c. Static shapes: the B x B
+  problem keeps the duplicate rows and columns (later occurrences of an index) but pairs
+  them only among themselves (cost 0 between them, a cost `big` > B between them and the
+  first occurrences, which any optimal solution avoids: leaving the duplicate block costs
+  at least 2 * big, more than the whole first-occurrence block can gain, at most 2 * B).
+  So the first occurrences get the optimal deal of their own held targets, and only their
+  rows are written back (the others' scatter index is out of range and dropped), which
+  keeps the assignment a permutation.
+
+  features: (B, d) L2-normalised, rows aligned with `index` (the caller stops gradients).
+  """
+  b, n = index.shape[0], assignment.shape[0]
+  first = first_occurrences(index)
+  held = assignment[index]                                   # (B,) target rows
+  c = targets[held].astype(jnp.float32)
+  # Full float32 products: the default precision on accelerators may round to bfloat16.
+  score = jnp.matmul(features.astype(jnp.float32), c.T, precision=jax.lax.Precision.HIGHEST)
+  big = 2.0 * b + 2.0
+  both = first[:, None] & first[None, :]
+  neither = ~first[:, None] & ~first[None, :]
+  cost = jnp.where(both, -score, jnp.where(neither, 0.0, big))
+  rows, cols = optax.assignment.hungarian_algorithm(cost)   # row rows[k] gets column cols[k]
+  new_held = jnp.zeros_like(held).at[rows].set(held[cols])
+  return assignment.at[jnp.where(first, index, n)].set(new_held, mode="drop")
+
+
 class NoiseAsTargets(Objective):
   """Align L2-normalised features to fixed random targets, one per training image."""
   image_size: int = 32
   dataset_size: int = 0            # filled in by the trainer: the training set size
+  batch_size: int = 0              # filled in by the trainer: the global batch (0: as seen)
   # > 0: a linear layer to this size before the L2 normalisation (the paper's final linear
   # layer, see "Projection"); 0: the pooled, non-negative features themselves.
   proj_dim: int = 128
@@ -153,7 +193,6 @@ class NoiseAsTargets(Objective):
   dtype: Any = jnp.float32
 
   needs_stable_indices = True
-  has_host_hook = True
 
   def validate(self, *, image_size, dataset, batch_size=0):
     del image_size, batch_size
@@ -168,7 +207,6 @@ class NoiseAsTargets(Objective):
 
   @nn.compact
   def __call__(self, encoder, batch, *, train, step):
-    del step
     if self.dataset_size < 1:
       raise UserError("objective nat needs dataset_size >= 1 (the trainer sets it to the "
                       "training set size; pass dataset_size= to build_model)")
@@ -211,37 +249,33 @@ class NoiseAsTargets(Objective):
     targets = self.variable("objective_state", "targets", init_targets)
     assignment = self.variable("objective_state", "assignment", init_assignment)
 
+    # Reassignment (Algorithm 1 of the paper): on reassignment steps the batch's held
+    # targets are dealt out again to the batch's features, before the loss, so this
+    # step's gradient already pulls towards the new targets. Not at init (the state is
+    # drawn there, and the dummy batch must not change it) nor in evaluation.
+    index = batch["index"]
+    z_fixed = jax.lax.stop_gradient(z)
+    self.sow("intermediates", "features", z_fixed)   # kept only when asked for (tests)
+    if train and not self.is_initializing():
+      steps_per_epoch = max(1, n // (self.batch_size or index.shape[0]))
+      assignment.value = jax.lax.cond(
+          self.is_reassignment_step(step, steps_per_epoch),
+          lambda a: reassign_in_step(targets.value, a, index, z_fixed),
+          lambda a: a, assignment.value)
+
     # Loss: squared distance to the assigned target (targets are constants).
-    c = targets.value[assignment.value[batch["index"]]]
+    c = targets.value[assignment.value[index]]
     loss = nat_loss(z, c)
-    z_host = jax.lax.stop_gradient(z)
     return ObjectiveOutput(
         loss=loss,
-        metrics={"cos": jnp.mean(jnp.sum(z_host * c, axis=-1))},
-        probe_features=out.pooled,
-        host={"index": batch["index"], "features": z_host})
+        metrics={"cos": jnp.mean(jnp.sum(z_fixed * c, axis=-1))},
+        probe_features=out.pooled)
 
-  # ---- host hook -------------------------------------------------------------------
-  def is_reassignment_step(self, step: int, steps_per_epoch: int) -> bool:
+  # ---- schedule ----------------------------------------------------------------------
+  def is_reassignment_step(self, step, steps_per_epoch: int):
     """Every step of every `reassign_every_epochs`-th epoch (from epoch 0), or of every
-    `reassign_every_steps`-th step when that is set."""
+    `reassign_every_steps`-th step when that is set. `step` may be a Python int (gives a
+    bool) or a traced step counter (gives a boolean array)."""
     if self.reassign_every_steps:
       return step % self.reassign_every_steps == 0
     return (step // max(1, steps_per_epoch)) % self.reassign_every_epochs == 0
-
-  def host_update(self, state, host, step, ctx):
-    """Reassigns the targets of the batch just trained, on reassignment epochs.
-
-    `state` leaves may be NumPy or jax arrays: only the assignment and the batch's
-    target rows are read. On other steps the state comes back untouched (same object),
-    which tells the trainer there is nothing to copy back.
-    """
-    if host is None or not self.is_reassignment_step(int(step), ctx.steps_per_epoch):
-      return state
-    # Several processes: the batch and the assignment are gathered (small), the target
-    # table is read by rows; every process computes the same new assignment.
-    assignment = reassign(distributed.RowReader(state["targets"]),
-                          distributed.to_host(state["assignment"]),
-                          distributed.to_host(host["index"]),
-                          distributed.to_host(host["features"]))
-    return {**state, "assignment": assignment.astype(np.int32)}
