@@ -3,14 +3,18 @@ step), state, resume."""
 
 import functools
 import itertools
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from objectives.nat import NoiseAsTargets, nat_loss, reassign, reassign_in_step
 from selfsup import data as data_lib
 from selfsup.errors import UserError
@@ -155,6 +159,40 @@ def test_in_step_reassignment_equals_the_scipy_reference(index):
   np.testing.assert_array_equal(got[others], assignment[others])
   if len(np.unique(index)) > 2:
     assert not np.array_equal(got, assignment)   # random features: a different deal
+
+
+SHARDED = """
+import sys; sys.path.insert(0, {root!r})
+import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from objectives.nat import reassign, reassign_in_step
+rng = np.random.default_rng(0)
+unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+targets, assignment = unit(rng.normal(size=(64, 8))), rng.permutation(64).astype(np.int32)
+index = rng.choice(64, 16, replace=False).astype(np.int32)
+index[[9, 14]] = index[[1, 1]]            # duplicates on other devices than the first one
+z = unit(rng.normal(size=(16, 8)))
+args = (targets, assignment, index, z)
+sh = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+eight = jax.jit(reassign_in_step)(*[jax.device_put(x, sh) for x in args])
+one = jax.jit(reassign_in_step)(*[jax.device_put(x, jax.devices()[0]) for x in args])
+print(json.dumps(dict(n=len(jax.devices()), eight=np.asarray(eight).tolist(),
+                      one=np.asarray(one).tolist(), ref=reassign(*args).tolist(),
+                      before=assignment.tolist())))
+"""
+
+
+@pytest.mark.ci   # a subprocess on 8 fake devices: about 10 s on 2 busy cores
+def test_sharded_batch_is_one_problem_eight_devices_equal_one():
+  """Under jit over a batch (and tables) split over 8 devices the Hungarian solves the
+  global batch as one problem: the same new assignment as 1 device and as scipy."""
+  proc = subprocess.run([sys.executable, "-c", SHARDED.format(root=ROOT)], capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["n"] == 8
+  assert out["eight"] == out["one"] == out["ref"] != out["before"]
 
 
 @functools.cache
