@@ -94,10 +94,10 @@ each, the earlier after-step numbers beside them):
 in-step deal lifts the probe by 2.5 and 3.5 points, still not above random-init. The
 loss falls to about 1.6 (cos 0.2) within the first logged steps and stays there: that
 cosine is the optimal deal itself, not learning (random unit vectors dealt optimally to
-128 random targets in d = 128 reach cos 0.21, mean of 5 draws with scipy). On the quickstart the second epoch has no reassignment
-(every third epoch) and the cosine of the images, now come round again, to the targets
-they were dealt in the first epoch is 0.02-0.07: at this budget the encoder barely
-learns its targets.
+128 random targets in d = 128 reach cos 0.21, mean of 5 draws with scipy). On the
+quickstart the second epoch has no reassignment (every third epoch) and the cosine of
+the images, now come round again, to the targets they were dealt in the first epoch is
+0.02-0.07: at this budget the encoder barely learns its targets.
 
 Expected on the quickstart (`experiments/quickstart.py:nat`, tiny CNN, synthetic shapes,
 measured on a 2-core CPU before the projection was the default, proj_dim=0, reassigning
