@@ -18,9 +18,11 @@ Expected: no anchor in OBJECTIVES.md, and none is published for this setting (th
 reports AlexNet on ImageNet and PASCAL VOC); compare with the random-init probe
 (`--random_init`). NAT needs many epochs: at the README's comparison budget (`python -m
 evals.compare --dataset folder:/data/cifar10 --encoder resnet18 --width_multiplier 0.25
---steps 300 --objectives nat`, 0.77 epochs, projection to 128) the probe is 24.50 / 75.50
+--steps 300 --objectives nat`, 0.77 epochs, projection to 128) the probe is 27.00 / 77.75
 (top-1 / top-5) against 32.75 / 82.95 for the random-init ResNet with standard init,
-final loss 2.00 (no image comes round again, so no target is learned yet); with the tiny
+final loss 1.59 (cos 0.21: each batch's targets are dealt to its features before the
+step, but no image comes round again; 24.50 / 75.50 and loss 2.00 when the reassignment
+ran after the step); with the tiny
 CNN at the same budget it beats random-init, 37.05 vs 33.95 (objectives/nat.py).
 """
 

@@ -16,7 +16,8 @@ encoder's input for every evaluation). Our choices, not the paper's: ResNet-50,
 100 epochs, weight decay 5e-4, bfloat16 compute.
 Memory: the target table is 1,281,167 x 2048 float32 = 10.5 GB, part of the checkpointed
 state. The trainer shards it over the data axis (1.3 GB per device on 8); on one device
-it must fit next to the model. The host hook reads only the batch's rows of it.
+it must fit next to the model. The reassignment (in the step) reads only the batch's
+rows of it.
 Expected: no anchor in OBJECTIVES.md, and none is published for this setting (the paper
 reports AlexNet on ImageNet and PASCAL VOC, not ResNet-50).
 """

@@ -33,9 +33,10 @@ def objective_class(name: str) -> type:
 
 
 # Fields the trainer fills in from the run (not user options): the training image size,
-# the compute dtype, the number of training examples (NAT's target table) and the run's
-# length in steps (the EMA teachers' momentum schedule).
-RUN_FIELDS = ("image_size", "dtype", "dataset_size", "total_steps")
+# the compute dtype, the number of training examples (NAT's target table), the run's
+# length in steps (the EMA teachers' momentum schedule) and the global batch size (NAT's
+# epochs in steps).
+RUN_FIELDS = ("image_size", "dtype", "dataset_size", "total_steps", "batch_size")
 
 
 def objective_fields(name: str) -> list[str]:
@@ -56,12 +57,14 @@ def check_options(name: str, options) -> list[str]:
 
 
 def build_objective(name: str, options: dict, *, image_size: int, dtype,
-                    dataset_size: int = 0, total_steps: int = 0) -> Objective:
+                    dataset_size: int = 0, total_steps: int = 0,
+                    batch_size: int = 0) -> Objective:
   """Instantiates objective `name` with `options` (unknown options are an error)."""
   check_options(name, options)
   declared = {f.name for f in dataclasses.fields(objective_class(name))}
   run = {k: v for k, v in dict(image_size=image_size, dtype=dtype, dataset_size=dataset_size,
-                               total_steps=total_steps).items() if k in declared}
+                               total_steps=total_steps, batch_size=batch_size).items()
+         if k in declared}
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
   try:
     return objective_class(name)(**run, **kwargs)

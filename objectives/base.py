@@ -15,7 +15,8 @@ Three optional hooks cover what cannot be a gradient step:
   step, on the objective's own head parameters (`params/<name>`) with their values
   before the step: projections such as SwAV's unit-norm, frozen-at-first prototypes.
 - `host_update(state, host_outputs, step, ctx)`: NumPy/SciPy on the host between steps,
-  fed by the `host` arrays the objective returned (NAT's Hungarian reassignment). It
+  fed by the `host` arrays the objective returned (for work that cannot be jitted; no
+  objective needs it at present: NAT's Hungarian reassignment runs in its step). It
   receives the device arrays (read them with `np.asarray`, which fetches only what is
   read; copy before writing) and returns the state object unchanged when it has nothing
   to do, or a new state that the trainer puts back on the devices.

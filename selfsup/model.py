@@ -65,7 +65,8 @@ def build_model(config, num_classes: int = 0, dataset_size: int = 0):
     weights.append(float(options.pop("weight", 1.0)))
     templates.append(objectives_lib.build_objective(
         name, options, image_size=config.data.image_size, dtype=dtype,
-        dataset_size=dataset_size, total_steps=int(config.train.steps)))
+        dataset_size=dataset_size, total_steps=int(config.train.steps),
+        batch_size=int(config.train.batch_size)))
     names.append(name)
   return PretextModel(encoder=encoder, objectives=tuple(templates), names=tuple(names),
                       weights=tuple(weights), num_classes=num_classes,

@@ -572,7 +572,7 @@ class Trainer:
   def _run_host_hooks(self, hooked, host, step, ctx):
     # Hooks get the device arrays, not host copies: NumPy converts what a hook reads
     # (np.asarray), so a hook with nothing to do this step costs no transfer and no sync,
-    # and one that reads a few rows of a large table (NAT's targets on ImageNet, ~10 GB)
+    # and one that reads a few rows of a large per-example table (~10 GB on ImageNet)
     # fetches only those rows. What a hook returns goes back with the state's shardings.
     state = self.state
     objective_state = dict(state["objective_state"])

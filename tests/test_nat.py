@@ -1,17 +1,21 @@
-"""Noise As Targets: loss against NumPy, the batch reassignment, state, resume."""
+"""Noise As Targets: loss against NumPy, the batch reassignment (NumPy reference and in the
+step), state, resume."""
 
 import functools
 import itertools
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from objectives.base import HostContext
-from objectives.nat import NoiseAsTargets, nat_loss, reassign
+from conftest import ROOT, tiny_config
+from objectives.nat import NoiseAsTargets, nat_loss, reassign, reassign_in_step
 from selfsup import data as data_lib
 from selfsup.errors import UserError
 from selfsup.metrics_log import read_metrics
@@ -50,8 +54,13 @@ def _init_fn(config, n=_N):
   """
   model = build_model(config, dataset_size=n)
   init = jax.jit(lambda seed, b: model.init_with_output(
-      {"params": jax.random.key(seed), "augment": jax.random.key(1)}, b))
+      {"params": jax.random.key(seed), "augment": jax.random.key(1)}, b, mutable=True))
   return model, init
+
+
+def _features(variables):
+  """The L2-normalised features the objective sowed (stop-gradient, rows = batch)."""
+  return np.asarray(variables["intermediates"]["nat"]["features"][0], np.float64)
 
 
 @functools.cache
@@ -75,9 +84,9 @@ def test_objective_loss_is_distance_to_the_assigned_targets():
   batch = _batch(tiny_config("nat"))
   batch["index"] = jnp.asarray([4, 217, 4, 299], jnp.int32)
   (_, metrics, host), variables = init(0, batch)
+  assert host == {}   # no host hook: the reassignment runs in the step
   state = jax.device_get(variables["objective_state"]["nat"])
-  z = np.asarray(host["nat"]["features"], np.float64)
-  np.testing.assert_array_equal(host["nat"]["index"], [4, 217, 4, 299])
+  z = _features(variables)
   np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
   targets = state["targets"][state["assignment"][[4, 217, 4, 299]]]
   expected = np.mean(np.sum((z - targets) ** 2, axis=1))
@@ -120,29 +129,117 @@ def test_reassignment_with_duplicate_indices_keeps_a_permutation():
           <= _matched_cost(targets, assignment, index, features) + 1e-12)
 
 
-def test_host_update_runs_on_reassignment_epochs_only_and_leaves_targets():
-  rng = np.random.default_rng(3)
-  n, d = 50, 4
-  state = {"targets": _unit(rng, n, d).astype(np.float32),
-           "assignment": rng.permutation(n).astype(np.int32)}
-  targets_before = state["targets"].copy()
-  host = {"index": np.arange(8, dtype=np.int32), "features": _unit(rng, 8, d)}
-  ctx = HostContext(steps_per_epoch=10, dataset_size=n)
-  nat = NoiseAsTargets(dataset_size=n)  # every 3 epochs: steps 0-9, 30-39, ...
-  for step in (10, 29):
-    assert nat.host_update(state, host, step, ctx) is state
-  for step in (0, 9, 30):
-    new = nat.host_update(state, host, step, ctx)
-    assert new is not state and new["assignment"].dtype == np.int32
-    np.testing.assert_array_equal(np.sort(new["assignment"]), np.arange(n))
-    np.testing.assert_array_equal(new["targets"], targets_before)
-    assert (_matched_cost(new["targets"], new["assignment"], host["index"], host["features"])
-            <= _matched_cost(state["targets"], state["assignment"], host["index"],
-                             host["features"]) + 1e-9)
-  by_steps = NoiseAsTargets(dataset_size=n, reassign_every_steps=4)
-  assert by_steps.host_update(state, host, 10, ctx) is state
-  assert by_steps.host_update(state, host, 12, ctx) is not state
-  np.testing.assert_array_equal(state["targets"], targets_before)
+def test_reassignment_schedule_in_epochs_or_steps_also_traced():
+  nat = NoiseAsTargets(dataset_size=50)   # every 3 epochs: steps 0-9, 30-39, ... at 10/epoch
+  on = [s for s in range(45) if nat.is_reassignment_step(s, 10)]
+  assert on == list(range(10)) + list(range(30, 40))
+  by_steps = NoiseAsTargets(dataset_size=50, reassign_every_steps=4)
+  assert [s for s in range(13) if by_steps.is_reassignment_step(s, 10)] == [0, 4, 8, 12]
+  # The step counter is traced in the jitted step: the same schedule as an array.
+  traced = jax.jit(lambda s: nat.is_reassignment_step(s, 10))(jnp.arange(45))
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(traced)), on)
+
+
+@pytest.mark.parametrize("index", [
+    [7, 2, 7, 15, 2, 9, 30, 31],                        # duplicates: a batch across epochs
+    list(range(0, 64, 4)),                              # 16 distinct examples
+    [5, 5, 5, 5]])                                      # one example four times: no change
+def test_in_step_reassignment_equals_the_scipy_reference(index):
+  rng = np.random.default_rng(len(index))
+  n, d = 64, 8
+  targets = _unit(rng, n, d).astype(np.float32)
+  assignment = rng.permutation(n).astype(np.int32)
+  index = np.asarray(index, np.int32)
+  features = _unit(rng, len(index), d).astype(np.float32)
+  expected = reassign(targets, assignment, index, features)   # scipy's linear_sum_assignment
+  got = np.asarray(jax.jit(reassign_in_step)(targets, assignment, index, features))
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(np.sort(got), np.arange(n))       # still a permutation
+  others = np.setdiff1d(np.arange(n), index)
+  np.testing.assert_array_equal(got[others], assignment[others])
+  if len(np.unique(index)) > 2:
+    assert not np.array_equal(got, assignment)   # random features: a different deal
+
+
+SHARDED = """
+import sys; sys.path.insert(0, {root!r})
+import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import json, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from objectives.nat import reassign, reassign_in_step
+rng = np.random.default_rng(0)
+unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+targets, assignment = unit(rng.normal(size=(64, 8))), rng.permutation(64).astype(np.int32)
+index = rng.choice(64, 16, replace=False).astype(np.int32)
+index[[9, 14]] = index[[1, 1]]            # duplicates on other devices than the first one
+z = unit(rng.normal(size=(16, 8)))
+args = (targets, assignment, index, z)
+sh = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+eight = jax.jit(reassign_in_step)(*[jax.device_put(x, sh) for x in args])
+one = jax.jit(reassign_in_step)(*[jax.device_put(x, jax.devices()[0]) for x in args])
+print(json.dumps(dict(n=len(jax.devices()), eight=np.asarray(eight).tolist(),
+                      one=np.asarray(one).tolist(), ref=reassign(*args).tolist(),
+                      before=assignment.tolist())))
+"""
+
+
+@pytest.mark.ci   # a subprocess on 8 fake devices: about 10 s on 2 busy cores
+def test_sharded_batch_is_one_problem_eight_devices_equal_one():
+  """Under jit over a batch (and tables) split over 8 devices the Hungarian solves the
+  global batch as one problem: the same new assignment as 1 device and as scipy."""
+  proc = subprocess.run([sys.executable, "-c", SHARDED.format(root=ROOT)], capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["n"] == 8
+  assert out["eight"] == out["one"] == out["ref"] != out["before"]
+
+
+@functools.cache
+def _train_apply():
+  """Jitted train-mode forward pass with a traced step: (variables, batch, step) ->
+  (metrics, updated objective state, sowed features); one compilation for every step."""
+  model, _ = _default_init()
+
+  def apply(variables, batch, step):
+    (_, metrics, _), updates = model.apply(
+        variables, batch, train=True, step=step, rngs={"augment": jax.random.key(2)},
+        mutable=["batch_stats", "objective_state", "intermediates"])
+    return metrics, updates["objective_state"]["nat"], updates["intermediates"]["nat"]
+  return jax.jit(apply)
+
+
+def test_reassignment_step_trains_against_the_new_targets():
+  """On a reassignment step the assignment is solved on this step's features before the
+  loss (the paper's Algorithm 1): state and loss as the scipy reference says; on other
+  steps neither moves."""
+  _, init = _default_init()
+  batch = _batch(tiny_config("nat"))
+  batch["index"] = jnp.asarray([4, 217, 4, 299], jnp.int32)   # 4 twice: first one counts
+  _, variables = init(0, batch)
+  variables = {k: v for k, v in variables.items() if k != "intermediates"}
+  state = jax.device_get(variables["objective_state"]["nat"])
+  targets, before = state["targets"], state["assignment"]
+  index = np.asarray(batch["index"])
+  # tiny_config: batch 16 over 300 examples = 18 steps per epoch; every 3rd epoch.
+  on_metrics, on_state, on_sowed = _train_apply()(variables, batch, jnp.int32(5))
+  off_metrics, off_state, off_sowed = _train_apply()(variables, batch, jnp.int32(20))
+
+  z = np.asarray(on_sowed["features"][0], np.float64)
+  expected = reassign(targets, before, index, z)
+  assert not np.array_equal(expected, before)          # the deal changes on this batch
+  np.testing.assert_array_equal(on_state["assignment"], expected)
+  np.testing.assert_array_equal(np.sort(on_state["assignment"]), np.arange(_N))
+  np.testing.assert_array_equal(on_state["targets"], targets)
+  new_loss = np.mean(np.sum((z - targets[expected[index]]) ** 2, axis=1))
+  old_loss = np.mean(np.sum((z - targets[before[index]]) ** 2, axis=1))
+  assert float(on_metrics["nat/loss"]) == pytest.approx(new_loss, rel=1e-5)
+  assert new_loss < old_loss - 1e-3                     # the optimal deal is closer
+
+  z_off = np.asarray(off_sowed["features"][0], np.float64)
+  np.testing.assert_array_equal(off_state["assignment"], before)
+  assert float(off_metrics["nat/loss"]) == pytest.approx(
+      np.mean(np.sum((z_off - targets[before[index]]) ** 2, axis=1)), rel=1e-5)
 
 
 def test_initial_state_is_unit_targets_and_a_permutation_fixed_by_the_seed():
@@ -189,9 +286,9 @@ def test_default_projection_lets_features_reach_every_target():
 
   assert NoiseAsTargets().proj_dim > 0
   _, init = _default_init()                    # the compiled init the other tests share
-  (_, _, host), variables = init(0, _batch(tiny_config("nat")))
+  _, variables = init(0, _batch(tiny_config("nat")))
   assert variables["params"]["nat"]["proj"]["kernel"].shape == (64, 128)  # tiny_cnn x0.5
-  z = np.asarray(host["nat"]["features"])
+  z = _features(variables)
   assert z.min() < -0.05 and z.max() > 0.05                   # both signs
 
 
@@ -229,7 +326,7 @@ def test_killed_run_resumes_to_the_same_targets_assignment_and_params(tmp_path):
     np.testing.assert_array_equal(x, y)
   final = a["objective_state"]["nat"]
   np.testing.assert_array_equal(np.sort(final["assignment"]), np.arange(40))
-  assert not np.array_equal(final["assignment"], initial["assignment"])  # hooks ran
+  assert not np.array_equal(final["assignment"], initial["assignment"])  # reassigned
   np.testing.assert_array_equal(final["targets"], initial["targets"])
   assert ([r["loss"] for r in read_metrics(str(tmp_path / "cut"))]
           == [r["loss"] for r in read_metrics(str(tmp_path / "run"))])
