@@ -2,7 +2,7 @@
 
     python docs/peer/compare_lightly.py --dataset folder:/data/cifar10 \
         --workdir runs/peer --torch_python /work/peer-venv/bin/python [--width 0.25] \
-        [--ours_arg lightly_init] [--lightly_args "--no_decay_bn_bias"]
+        [--ours_arg lightly_init|default|per_view_bn] [--lightly_args=--no_decay_bn_bias]
 
 1. Writes the probe's inputs (the 10,000 / 2,000 images our probe reads, as the float
    tensors it feeds the encoder: resized, centre-cropped, ImageNet-normalised) to
@@ -54,7 +54,9 @@ def main():
   p.add_argument("--width", type=float, default=1.0, help="ResNet-18 width multiplier (both)")
   p.add_argument("--max_train", type=int, default=10000)
   p.add_argument("--max_test", type=int, default=2000)
-  p.add_argument("--ours_arg", default="", help="docs/peer/simclr_lightly_recipe.py:ARG")
+  p.add_argument("--ours_arg", default="lightly_init",
+                 help="docs/peer/simclr_lightly_recipe.py:ARG (lightly_init = torchvision's "
+                      "initialisation, part of lightly's recipe; 'default' = ours)")
   p.add_argument("--lightly_args", default="", help="extra flags for lightly_simclr.py")
   p.add_argument("--lightly_name", default="lightly", help="file stem of lightly's run")
   p.add_argument("--skip_lightly", action="store_true")
