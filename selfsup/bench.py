@@ -70,6 +70,13 @@ def with_data(config, data: str):
     config.data.source = SYNTHETIC
   elif data != "config":
     config.data.source = data
+  # The step is timed, not a run's first phase: G-SimCLR's clustering phase is skipped,
+  # and without a cluster file of this source the batch order is a plain shuffle (the
+  # order changes which images share a batch, not the step's cost).
+  config.clusters.enabled = False
+  if data != "config" or not config.data.cluster_file:
+    config.data.order = "shuffle"
+    config.data.cluster_file = ""
   return config
 
 

@@ -371,3 +371,15 @@ def test_bench_runs_on_synthetic_batches_of_the_configs_shape(tmp_path):
   assert result["batch_size"] == 8 and result["images_per_s"] > 0
   with pytest.raises(UserError, match="--steps must be >= 1"):
     bench.benchmark(c, steps=-3)
+
+
+def test_bench_of_a_cluster_ordered_config_needs_no_cluster_file():
+  """G-SimCLR's config orders batches by a cluster file made in its first phase; the
+  bench times the step, so it skips that phase and shuffles (it failed on the missing
+  file before)."""
+  from experiments import gsimclr_cifar10
+  from selfsup import bench
+  c = gsimclr_cifar10.get_config()
+  assert c.data.order == "cluster_balanced" and c.clusters.enabled
+  c = bench.with_data(c, "synthetic")
+  assert c.data.order == "shuffle" and not c.clusters.enabled and c.data.cluster_file == ""
