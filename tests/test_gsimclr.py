@@ -292,3 +292,37 @@ def test_compare_refuses_a_cluster_file_that_does_not_match_before_anything(tmp_
     compare(["simclr"], config=str(config), workdir=str(tmp_path / "w"), steps=2,
             batch_size=8, image_size=16, max_train=40, max_test=16)
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.ci   # a subprocess that compiles the probe and the phase: ~1 min on 2 busy cores
+def test_compare_cli_sigterm_in_the_clustering_phase_exits_0(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT
+  config = tmp_path / "gsimclr_long_phase.py"
+  config.write_text(_SMALL_PHASE.replace("c.clusters.steps = 3", "c.clusters.steps = 100000"))
+  workdir = tmp_path / "w"
+  phase_dir = workdir / "gsimclr" / "clusters" / "autoencoder"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "evals.compare", "--config", str(config), "--objectives",
+       "gsimclr", "--steps", "4", "--batch_size", "8", "--image_size", "16", "--max_train",
+       "64", "--max_test", "32", "--workdir", str(workdir)],
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = phase_dir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 2:   # phase 1 is training
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+  assert "SIGTERM: saved step" in err
+  assert f"{workdir / 'gsimclr'}: run incomplete (its clustering phase was stopped by SIGTERM" in err
+  assert [l.split()[0] for l in out.splitlines()[-2:]] == ["objectives", "random-init"]
+  assert any(d.isdigit() for d in os.listdir(phase_dir / "checkpoints"))
+  assert not (workdir / "gsimclr" / "config.json").exists()
