@@ -322,7 +322,8 @@ def test_compare_cli_sigterm_in_the_clustering_phase_exits_0(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
   assert "SIGTERM: saved step" in err
-  assert f"{workdir / 'gsimclr'}: run incomplete (its clustering phase was stopped by SIGTERM" in err
+  assert (f"{workdir / 'gsimclr'}: run incomplete (its clustering phase was stopped by "
+          "SIGTERM, saved)") in err
   assert [l.split()[0] for l in out.splitlines()[-2:]] == ["objectives", "random-init"]
   assert any(d.isdigit() for d in os.listdir(phase_dir / "checkpoints"))
   assert not (workdir / "gsimclr" / "config.json").exists()
