@@ -17,11 +17,18 @@ run, named by its objectives. Every objective name, option and step count is che
 and the dataset opened, before anything trains.
 
 From a notebook: `compare(["rotation", "simclr"], dataset=..., workdir=...)`.
+
+A SIGTERM while a run trains (either phase of G-SimCLR's, `selfsup/phases.py`) saves
+that run and stops the comparison as `selfsup.train` does: it says which run is
+incomplete, does not probe it or start the runs after it, prints the rows finished so
+far, and exits 0; rerunning the same command resumes the interrupted phase (runs already
+finished are only probed again).
 """
 
 import importlib.util
 import json
 import os
+import sys
 import time
 
 from absl import flags
@@ -127,6 +134,7 @@ def _check_objectives(configs) -> None:
   import encoders as encoders_lib
   import objectives as objectives_lib
   from selfsup import data as data_lib
+  from selfsup import phases
   first = configs[0][1]
   encoders_lib.build_encoder(ConfigDict(first.encoder), "float32")
   source = data_lib.make_source(first.data.source, first.data.train_split,
@@ -140,6 +148,7 @@ def _check_objectives(configs) -> None:
                                                 dtype=np.float32, dataset_size=len(source))
       template.validate(image_size=c.data.image_size, dataset=source,
                         batch_size=c.train.batch_size)
+    phases.check(c)   # a given cluster file matches the training set
 
 
 def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=None,
@@ -149,7 +158,9 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
   """Trains each spec from `config` and probes it; the first row is random-init.
 
   Arguments left None keep the config file's values (the quickstart: synthetic:shapes,
-  tiny CNN, 300 steps at batch 128, 32 px).
+  tiny CNN, 300 steps at batch 128, 32 px). After SIGTERM during a run's training it
+  saves the run, says so on stderr and returns the rows finished before it (the
+  interrupted run has none); calling it again resumes.
   """
   from ml_collections import ConfigDict
 
@@ -179,9 +190,19 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
   for name, c in configs:
     t0 = time.perf_counter()
     run_dir = os.path.join(workdir, name.replace("+", "_"))
-    c, _ = phases.prepare(c, run_dir, log=log)   # G-SimCLR's clustering phase, if any
+    # G-SimCLR's clustering phase, if any (its messages are not rows: stderr).
+    c, ready = phases.prepare(c, run_dir, log=_note)
+    if not ready:
+      _note(f"{run_dir}: run incomplete (its clustering phase was stopped by SIGTERM, saved); "
+            f"{_unfinished(configs, name)}rerun the same command to resume")
+      break
     trainer = Trainer(c, run_dir)
     last = trainer.run()
+    if trainer.preempted:
+      _note(f"{run_dir}: run incomplete (stopped by SIGTERM at step "
+            f"{trainer.checkpointer.latest_step()} of {c.train.steps}, saved; not probed); "
+            f"{_unfinished(configs, name)}rerun the same command to resume")
+      break
     train_s = time.perf_counter() - t0
     result = probe_live(trainer, data, features=features)
     row = {"objectives": name, "probe_top1": result["top1"], "probe_top5": result["top5"],
@@ -193,6 +214,17 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
     rows.append(row)
     log(json.dumps(row), flush=True)
   return rows
+
+
+def _note(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _unfinished(configs, name: str) -> str:
+  """'the runs after it (a, b) were not started; ' or ''."""
+  names = [n for n, _ in configs]
+  later = names[names.index(name) + 1:]
+  return f"the runs after it ({', '.join(later)}) were not started; " if later else ""
 
 
 def _define_flags():

@@ -32,8 +32,12 @@ RESULT_FILE = "result.json"
 LOCK_FILE = ".lock"
 
 # Settings a checkpoint was made with: a resumed run must keep them, or config.json and
-# the checkpoints would describe different runs (the schedule depends on train.steps).
-RESUME_FIXED = ("optimizer", "train.steps", "train.batch_size", "seed", "data.image_size")
+# the checkpoints would describe different runs (the schedule depends on train.steps; the
+# data iterator's saved position means something only in the same batch order).
+RESUME_FIXED = ("optimizer", "train.steps", "train.batch_size", "seed", "data.image_size",
+                "data.order", "data.cluster_file", "clusters")
+# What a config.json written before these settings existed ran with.
+_BEFORE_ORDERS = {"data.order": "shuffle", "data.cluster_file": "", "clusters.enabled": False}
 
 
 # ---- start-up checks -----------------------------------------------------------------
@@ -160,7 +164,10 @@ def check_workdir_config(workdir: str, config) -> None:
 
   The encoder and objectives may never change; once a checkpoint exists, neither may
   the settings it was made with (RESUME_FIXED: optimizer, steps, batch size, seed,
-  image size). Logging, checkpoint cadence, data loading and mesh may change.
+  image size, and the batch order: data.order, with data.cluster_file where the order is
+  cluster_balanced and the clustering phase's `clusters` settings where it made the
+  file). Logging, checkpoint cadence, data loading and mesh may change. The cluster file
+  counts as the same when both names resolve to one file (`runs/x` or `./runs/x/`).
   """
   saved = read_saved_config(workdir)
   if saved is None:
@@ -173,18 +180,51 @@ def check_workdir_config(workdir: str, config) -> None:
           f"{json.dumps(now[section])}; use a new --workdir or the original config")
   if not has_checkpoints(workdir):
     return
+  old, new = _fixed_settings(saved, now)
   differ = []
-  for key in RESUME_FIXED:
-    old, new = _flat(_get(saved, key), key), _flat(_get(now, key), key)
-    for k in sorted(set(old) | set(new)):
-      if old.get(k, "(unset)") != new.get(k, "(unset)"):
-        differ.append(f"{k} {json.dumps(old.get(k, '(unset)'))} -> "
-                      f"{json.dumps(new.get(k, '(unset)'))}")
+  for k in sorted(set(old) | set(new), key=_key_order):
+    a, b = old.get(k, "(unset)"), new.get(k, "(unset)")
+    if a != b and not (k == "data.cluster_file" and _same_file(a, b)):
+      differ.append(f"{k} {json.dumps(a)} -> {json.dumps(b)}")
   if differ:
     raise UserError(
         f"{workdir} holds checkpoints made with other settings ({', '.join(differ)}); a run "
-        "resumes only with its own settings (train.steps fixes the schedule): use a new "
-        "--workdir or the original values")
+        "resumes only with its own settings (train.steps fixes the schedule, the batch order "
+        "what the saved data position means): use a new --workdir or the original values")
+
+
+def _fixed_settings(saved: dict, now: dict) -> tuple[dict, dict]:
+  """RESUME_FIXED of both configs, flat, with the order's settings only where they define
+  the order in either: data.cluster_file under cluster_balanced, clusters.* when enabled."""
+  old, new = {}, {}
+  for key in RESUME_FIXED:
+    old.update(_flat(_get(saved, key), key))
+    new.update(_flat(_get(now, key), key))
+  for flat in (old, new):
+    for k, v in _BEFORE_ORDERS.items():
+      flat.setdefault(k, v)
+  both = (old, new)
+  if not any(f["data.order"] == "cluster_balanced" for f in both):
+    for f in both:
+      f.pop("data.cluster_file")
+  if not any(f["clusters.enabled"] for f in both):
+    for f in both:
+      for k in [k for k in f if k.startswith("clusters.")]:
+        f.pop(k)
+  return old, new
+
+
+def _key_order(key: str) -> tuple:
+  """Differences listed in RESUME_FIXED's order, then by name."""
+  for i, prefix in enumerate(RESUME_FIXED):
+    if key == prefix or key.startswith(prefix + "."):
+      return (i, key)
+  return (len(RESUME_FIXED), key)
+
+
+def _same_file(a, b) -> bool:
+  return (isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
+          and os.path.realpath(a) == os.path.realpath(b))
 
 
 def _get(tree: dict, dotted: str):

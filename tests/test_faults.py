@@ -15,6 +15,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -277,6 +278,90 @@ def test_resuming_with_another_optimizer_or_length_is_refused(finished_run, tmp_
   with pytest.raises(UserError, match="train.steps 6 -> 12"):
     Trainer(longer, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == before  # never rewritten
+
+
+def _saved_run(tmp_path, config, name="run"):
+  """A workdir as a run leaves it once it has a checkpoint: its config.json, checkpoint 3."""
+  workdir = str(tmp_path / name)
+  workdir_lib.save_config(workdir, config)
+  os.makedirs(os.path.join(workdir, "checkpoints", "3"))
+  return workdir
+
+
+def _gsimclr_phases(workdir):
+  """G-SimCLR's two configs as `phases.prepare` makes them for this workdir."""
+  from selfsup import phases
+  c = tiny_config("gsimclr")
+  main = ml_collections.ConfigDict(c.to_dict())
+  main.data.cluster_file = phases.cluster_file(workdir)
+  return c, phases.phase_config(c), main
+
+
+def test_resuming_with_another_batch_order_is_refused(tmp_path):
+  # A run on the uniform shuffle, resumed on a cluster-balanced order.
+  plain = _saved_run(tmp_path, tiny_config("simclr"))
+  ordered = tiny_config("simclr")
+  ordered.data.order = "cluster_balanced"
+  ordered.data.cluster_file = "c.npy"
+  with pytest.raises(UserError) as refused:
+    workdir_lib.check_workdir_config(plain, ordered)
+  message = str(refused.value)
+  assert len(message.splitlines()) == 1
+  assert 'data.order "shuffle" -> "cluster_balanced", data.cluster_file "" -> "c.npy"' in message
+  # G-SimCLR: another cluster file, another clustering, or the clustering phase switched
+  # off, each refused with every difference named.
+  workdir = str(tmp_path / "gsimclr")
+  _, _, main = _gsimclr_phases(workdir)
+  _saved_run(tmp_path, main, "gsimclr")
+  other = ml_collections.ConfigDict(main.to_dict())
+  other.data.cluster_file = str(tmp_path / "elsewhere.npy")
+  other.clusters.k = 4
+  other.clusters.steps = 7
+  with pytest.raises(UserError) as refused:
+    workdir_lib.check_workdir_config(workdir, other)
+  assert (f'data.cluster_file "{main.data.cluster_file}" -> "{other.data.cluster_file}", '
+          'clusters.k 0 -> 4, clusters.steps 300 -> 7') in str(refused.value)
+  off = ml_collections.ConfigDict(main.to_dict())
+  off.clusters.enabled = False
+  with pytest.raises(UserError, match=r"\(clusters.enabled true -> false\)"):
+    workdir_lib.check_workdir_config(workdir, off)
+  # Through the Trainer (before it builds anything): config.json is not rewritten.
+  before = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(UserError, match="clusters.k 0 -> 4"):
+    Trainer(other, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_an_unchanged_order_still_resumes(tmp_path, monkeypatch):
+  from selfsup import phases
+  # G-SimCLR rerun with the same command: both phases' configs as saved.
+  workdir = str(tmp_path / "gsimclr")
+  command, phase1, main = _gsimclr_phases(workdir)
+  phase_dir = _saved_run(tmp_path, phase1, os.path.join("gsimclr", phases.CLUSTER_DIR,
+                                                         "autoencoder"))
+  _saved_run(tmp_path, main, "gsimclr")
+  workdir_lib.check_workdir_config(phase_dir, phases.phase_config(command))
+  workdir_lib.check_workdir_config(workdir, _gsimclr_phases(workdir)[2])
+  # The same cluster file named another way: from another directory, with ./ and /.
+  monkeypatch.chdir(tmp_path)
+  respelled = ml_collections.ConfigDict(main.to_dict())
+  respelled.data.cluster_file = os.path.join(".", "gsimclr", "", "clusters", "clusters.npy")
+  workdir_lib.check_workdir_config(workdir, respelled)
+  # Settings that do not define the order here may change: the clustering settings of a
+  # run without the phase, and (phase 1) the k-means' K, used only after it.
+  plain = tiny_config("simclr")
+  plain_dir = _saved_run(tmp_path, plain, "plain")
+  plain.clusters.k = 5
+  workdir_lib.check_workdir_config(plain_dir, plain)
+  command.clusters.k = 5
+  workdir_lib.check_workdir_config(phase_dir, phases.phase_config(command))
+  # A config.json written before the batch orders existed: it ran on the shuffle.
+  with open(os.path.join(plain_dir, "config.json")) as f:
+    saved = json.load(f)
+  del saved["data"]["order"], saved["data"]["cluster_file"], saved["clusters"]
+  with open(os.path.join(plain_dir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  workdir_lib.check_workdir_config(plain_dir, tiny_config("simclr"))
 
 
 def test_damaged_config_json_is_one_line(finished_run, tmp_path):

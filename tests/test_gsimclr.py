@@ -1,6 +1,6 @@
 """G-SimCLR: the cluster-balanced order against a plain reference, in the pipeline
-(resumable, sharded per process), the autoencoder loss, bad input, and both phases
-killed and resumed bit-exact."""
+(resumable, sharded per process), the autoencoder loss, bad input, both phases killed and
+resumed bit-exact, and SIGTERM in either phase under `evals.compare`."""
 
 import os
 import shutil
@@ -187,3 +187,143 @@ def test_both_phases_killed_and_resumed_match_the_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(x, y)
   for t in phase1:
     t.close()
+
+
+# ---- SIGTERM under `evals.compare`, which trains the runs in-process -------------------------
+_SMALL_PHASE = ("from experiments.quickstart import get_config as quickstart\n"
+                "def get_config(arg):\n  c = quickstart(arg)\n"
+                "  c.data.train_split = 'train[:64]'\n"
+                "  c.clusters.steps = 3\n  c.clusters.batch_size = 8\n  return c\n")
+
+
+def _steps(workdir):
+  from selfsup.metrics_log import read_metrics
+  return [row["step"] for row in read_metrics(workdir)]
+
+
+class _CompareRuns:
+  """`compare(["gsimclr"])` with a 3-step clustering phase, where a SIGTERM can be sent to
+  this process right after the first step in a given run directory (as a scheduler would
+  send it); records the step each train_step call starts from, per directory."""
+
+  def __init__(self, tmp_path, monkeypatch, capsys):
+    from selfsup.trainer import Trainer
+    self.config = tmp_path / "gsimclr_small.py"
+    self.config.write_text(_SMALL_PHASE)
+    self.workdir = tmp_path / "w"
+    self.run_dir = self.workdir / "gsimclr"
+    self.phase_dir = self.run_dir / "clusters" / "autoencoder"
+    self.capsys = capsys
+    self.kill_in = None
+    self.started = []
+    real_step = Trainer.train_step
+
+    def train_step(trainer, batch):
+      import signal
+      self.started.append((os.path.relpath(trainer.workdir, self.workdir),
+                           int(jax.device_get(trainer.state["step"]))))
+      out = real_step(trainer, batch)
+      if self.kill_in is not None and os.path.samefile(trainer.workdir, self.kill_in):
+        self.kill_in = None
+        # Only into the trainer's own handler: never the default action on the test run.
+        assert callable(signal.getsignal(signal.SIGTERM)), "the trainer handles SIGTERM"
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+  def __call__(self, kill_in=None):
+    from evals.compare import compare
+    self.kill_in, self.started = kill_in, []
+    rows = compare(["gsimclr"], config=str(self.config), workdir=str(self.workdir), steps=4,
+                   batch_size=8, image_size=16, encoder={"width_multiplier": 0.5},
+                   max_train=64, max_test=32, log=lambda *a, **k: None)
+    return [r["objectives"] for r in rows], self.capsys.readouterr().err
+
+
+def _sigterm_in_the_clustering_phase(runs):
+  names, err = runs(kill_in=runs.phase_dir)
+  assert names == ["random-init"]                   # no row for the interrupted run
+  assert "clustering phase was stopped by SIGTERM, saved" in err and "rerun" in err
+  assert runs.started == [("gsimclr/clusters/autoencoder", 0)]
+  assert os.listdir(runs.phase_dir / "checkpoints") == ["1"]
+  assert not os.path.exists(phases.cluster_file(str(runs.run_dir)))
+  assert not (runs.run_dir / "config.json").exists()   # the main run never started
+
+
+def test_compare_sigterm_in_the_clustering_phase_saves_and_stops(tmp_path, monkeypatch,
+                                                                  capsys):
+  """Was a crash: compare passed phase 1's "stopped" (None) on to a Trainer."""
+  _sigterm_in_the_clustering_phase(_CompareRuns(tmp_path, monkeypatch, capsys))
+
+
+@pytest.mark.ci   # three compares, two kinds of Trainer: ~100 s on 2 busy cores
+def test_compare_sigterm_in_either_phase_resumes_that_phase(tmp_path, monkeypatch, capsys):
+  runs = _CompareRuns(tmp_path, monkeypatch, capsys)
+  _sigterm_in_the_clustering_phase(runs)
+  # Rerun: the phase resumes at step 1 and finishes, k-means; SIGTERM in the main run.
+  names, err = runs(kill_in=runs.run_dir)
+  assert names == ["random-init"]
+  assert runs.started == [("gsimclr/clusters/autoencoder", 1),
+                          ("gsimclr/clusters/autoencoder", 2), ("gsimclr", 0)]
+  assert "k-means" in err and "stopped by SIGTERM at step 1 of 4, saved; not probed" in err
+  labels = np.load(phases.cluster_file(str(runs.run_dir)))
+  # Rerun: neither the phase nor the k-means is redone; the main run resumes, is probed.
+  names, err = runs()
+  assert names == ["random-init", "gsimclr"]
+  assert runs.started == [("gsimclr", 1), ("gsimclr", 2), ("gsimclr", 3)]
+  assert "k-means" not in err
+  np.testing.assert_array_equal(np.load(phases.cluster_file(str(runs.run_dir))), labels)
+  assert _steps(runs.run_dir) == [1, 2, 3, 4] and _steps(runs.phase_dir) == [1, 2, 3]
+
+
+def test_compare_refuses_a_cluster_file_that_does_not_match_before_anything(tmp_path):
+  from evals.compare import compare
+  bad = tmp_path / "c.npy"
+  np.save(bad, np.zeros(7, np.int32))
+  config = tmp_path / "ordered.py"
+  config.write_text("from experiments.quickstart import get_config as quickstart\n"
+                    "def get_config(arg):\n  c = quickstart(arg)\n"
+                    "  c.data.train_split = 'train[:40]'\n"
+                    "  c.data.order = 'cluster_balanced'\n"
+                    f"  c.data.cluster_file = {str(bad)!r}\n  return c\n")
+  with pytest.raises(UserError, match=r"config.data.cluster_file=.* 7 cluster ids .* 40 "
+                                      "examples"):
+    compare(["simclr"], config=str(config), workdir=str(tmp_path / "w"), steps=2,
+            batch_size=8, image_size=16, max_train=40, max_test=16)
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.ci   # a subprocess that compiles the probe and the phase: ~1 min on 2 busy cores
+def test_compare_cli_sigterm_in_the_clustering_phase_exits_0(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT
+  config = tmp_path / "gsimclr_long_phase.py"
+  config.write_text(_SMALL_PHASE.replace("c.clusters.steps = 3", "c.clusters.steps = 100000"))
+  workdir = tmp_path / "w"
+  phase_dir = workdir / "gsimclr" / "clusters" / "autoencoder"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "evals.compare", "--config", str(config), "--objectives",
+       "gsimclr", "--steps", "4", "--batch_size", "8", "--image_size", "16", "--max_train",
+       "64", "--max_test", "32", "--workdir", str(workdir)],
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = phase_dir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and metrics.read_text().count("\n") >= 2:   # phase 1 is training
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+  assert "SIGTERM: saved step" in err
+  assert (f"{workdir / 'gsimclr'}: run incomplete (its clustering phase was stopped by "
+          "SIGTERM, saved)") in err
+  assert [l.split()[0] for l in out.splitlines()[-2:]] == ["objectives", "random-init"]
+  assert any(d.isdigit() for d in os.listdir(phase_dir / "checkpoints"))
+  assert not (workdir / "gsimclr" / "config.json").exists()
