@@ -251,6 +251,7 @@ def _sigterm_in_the_clustering_phase(runs):
   assert not (runs.run_dir / "config.json").exists()   # the main run never started
 
 
+@pytest.mark.ci   # trains the autoencoder: ~35 s of CPU on a cold compile cache
 def test_compare_sigterm_in_the_clustering_phase_saves_and_stops(tmp_path, monkeypatch,
                                                                   capsys):
   """Was a crash: compare passed phase 1's "stopped" (None) on to a Trainer."""
