@@ -61,15 +61,50 @@ def split_config_arg(config: str) -> tuple[str, str | None]:
   return (path + ".py", arg) if sep else (config, None)
 
 
+def parse_overrides(items) -> dict:
+  """['KEY=VALUE', ...] -> {KEY: VALUE}; VALUE read as a Python literal (0.01, (0.2, 1.0),
+  True), else kept as a string."""
+  import ast
+  out = {}
+  for item in items or ():
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise UserError(f"--set {item!r}: use KEY=VALUE, e.g. objectives.swav.epsilon=0.02")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
+
+
+def apply_overrides(c, overrides: dict, name: str):
+  """Sets each dotted KEY of `overrides` in config `c`; an unknown key is one line."""
+  for key, value in (overrides or {}).items():
+    node, parts = c, key.split(".")
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = ".".join(parts[:i]) or "the config"
+        raise UserError(f"--set {key}: run {name!r} has no {part!r} in {where}; valid: "
+                        f"{', '.join(sorted(keys)) or 'none'}")
+      if i == len(parts) - 1:
+        node[part] = value
+      else:
+        node = node[part]
+
+
 def run_configs(config: str, specs=None, *, dataset=None, encoder=None, steps=None,
                 batch_size=None, image_size=None, seed=None, data_dir=None,
-                dtype=None) -> list:
+                dtype=None, overrides=None) -> list:
   """[(name, ConfigDict)]: one validated training config per spec, with the overrides.
 
   `config` is a config file, optionally `FILE.py:ARG`. Each spec is passed to the file's
   get_config as its argument; with no specs, the file (with its own ARG) is one run.
   Arguments left None keep the config's value. Raises UserError for an unknown
   objective, a bad option or value, or runs that do not share data and encoder.
+  `overrides` ({dotted key: value}, `--set`) is applied to every run after its file and
+  before the other arguments; a key that a run lacks (an objective it does not train)
+  is an error.
   """
   import objectives as objectives_lib
   from selfsup import config as config_lib
@@ -97,6 +132,7 @@ def run_configs(config: str, specs=None, *, dataset=None, encoder=None, steps=No
       raise UserError(f"--config {path} does not take its objectives from its argument (it "
                       f"gave {'+'.join(c.objectives.keys())} for {spec!r}); leave --objectives "
                       "out to run it once, or use a config such as experiments/quickstart.py")
+    apply_overrides(c, overrides, spec or path)
     for key, value in (("seed", seed), ("data.source", dataset), ("data.image_size", image_size),
                        ("data.data_dir", data_dir), ("train.steps", steps),
                        ("train.batch_size", batch_size), ("train.dtype", dtype)):
@@ -154,7 +190,7 @@ def _check_objectives(configs) -> None:
 def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=None,
             encoder=None, steps=None, batch_size=None, image_size=None, max_train=10000,
             max_test=2000, seed=None, data_dir=None, dtype=None, features: str = "image",
-            log=print) -> list[dict]:
+            overrides=None, log=print) -> list[dict]:
   """Trains each spec from `config` and probes it; the first row is random-init.
 
   Arguments left None keep the config file's values (the quickstart: synthetic:shapes,
@@ -172,7 +208,7 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
   # Everything that can fail does so before the first step.
   configs = run_configs(config, specs, dataset=dataset, encoder=encoder, steps=steps,
                         batch_size=batch_size, image_size=image_size, seed=seed,
-                        data_dir=data_dir, dtype=dtype)
+                        data_dir=data_dir, dtype=dtype, overrides=overrides)
   first = configs[0][1]
   data = ProbeData(first.data.source, first.data.image_size, first.data.train_split,
                    first.data.test_split, max_train, max_test, first.data.data_dir or None)
@@ -252,6 +288,8 @@ def _define_flags():
   flags.DEFINE_string("dtype", None, "compute dtype: float32 | bfloat16")
   flags.DEFINE_enum("features", "image", ("image", "objective"),
                     "probe features: whole images, or each objective's own protocol")
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE: set a config field in every run, e.g. "
+                            "--set objectives.swav.epsilon=0.02 (repeatable)")
 
 
 def _encoder_override(f):
@@ -294,7 +332,8 @@ def main(argv):
   rows = compare(specs, config=f.config, dataset=f.dataset, workdir=f.workdir,
                  encoder=_encoder_override(f), steps=f.steps,
                  batch_size=f.batch_size, image_size=f.image_size, max_train=f.max_train,
-                 max_test=f.max_test, seed=f.seed, dtype=f.dtype, features=f.features, log=log)
+                 max_test=f.max_test, seed=f.seed, dtype=f.dtype, features=f.features,
+                 overrides=parse_overrides(f.set), log=log)
   print(f"{'objectives':32s} {'probe top-1':>11s} {'train s':>8s}")
   for r in rows:
     print(f"{r['objectives']:32s} {r['probe_top1']:11.2f} {r.get('train_seconds', 0):8.1f}")

@@ -142,3 +142,18 @@ def test_compare_cli_fails_early_with_one_line(tmp_path):
                   str(tmp_path / "w"), "--output", str(out)])
   _assert_one_line_error(proc, "jigsaw", "rotation")
   assert not (tmp_path / "w").exists()
+
+
+def test_compare_set_overrides_any_config_field_and_names_unknown_ones():
+  from evals.compare import parse_overrides, run_configs
+  from selfsup.errors import UserError
+  sets = parse_overrides(["objectives.swav.epsilon=0.02", "objectives.swav.large_scale=(0.2, 1.0)",
+                          "data.order=shuffle"])
+  assert sets == {"objectives.swav.epsilon": 0.02, "objectives.swav.large_scale": (0.2, 1.0),
+                  "data.order": "shuffle"}
+  (_, c), = run_configs("experiments/quickstart.py", ["swav"], overrides=sets)
+  assert c.objectives.swav.epsilon == 0.02 and tuple(c.objectives.swav.large_scale) == (0.2, 1.0)
+  with pytest.raises(UserError, match="run 'rotation' has no 'swav' in objectives; valid: rotation"):
+    run_configs("experiments/quickstart.py", ["rotation"], overrides=sets)
+  with pytest.raises(UserError, match="KEY=VALUE"):
+    parse_overrides(["objectives.swav.epsilon"])
