@@ -4,6 +4,7 @@ Every encoder is a Flax module called as `encoder(images, *, train, mask=None)` 
 returning an `EncoderOutput(pooled, maps)`.
 """
 
+import inspect
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -81,8 +82,7 @@ def build_encoder(cfg, dtype: str = "float32", remat: str = "none"):
     raise unknown_name("encoder", name, REGISTRY)
   if dtype not in DTYPES:
     raise unknown_name("compute dtype", dtype, DTYPES)
-  import inspect
-  allowed = [p for p in inspect.signature(REGISTRY[name]).parameters if p != "dtype"]
+  allowed = encoder_options(name)
   for key in options:
     if key not in allowed:
       raise UserError(f"encoder {name!r} has no option {key!r}; valid options: "
@@ -92,13 +92,13 @@ def build_encoder(cfg, dtype: str = "float32", remat: str = "none"):
   elif remat != "none":
     raise UserError(f"encoder {name!r} has no activation rematerialisation; use "
                     "train.remat=none with it (encoders with one: "
-                    f"{', '.join(n for n, b in REGISTRY.items() if _takes_remat(b))})")
+                    f"{', '.join(n for n in REGISTRY if 'remat' in encoder_options(n))})")
   return REGISTRY[name](DTYPES[dtype], **options)
 
 
-def _takes_remat(builder) -> bool:
-  import inspect
-  return "remat" in inspect.signature(builder).parameters
+def encoder_options(name: str) -> list[str]:
+  """The options encoder `name` takes in its config (its builder's keyword arguments)."""
+  return [p for p in inspect.signature(REGISTRY[name]).parameters if p != "dtype"]
 
 
 __all__ = ["EncoderOutput", "PatchMask", "REGISTRY", "REMAT", "build_encoder"]

@@ -56,6 +56,10 @@ class SimCLR(Objective):
   jitter_prob: float = 0.8
   grayscale_prob: float = 0.2
   blur_prob: float = 0.0
+  # False: one encoder (and projector) call on both views, BatchNorm statistics over 2B
+  # (the reference, google-research/simclr). True: one call per view, statistics per
+  # view, as PyTorch implementations that call the model on each view do (lightly).
+  per_view_bn: bool = False
   dtype: Any = jnp.float32
 
   def validate(self, *, image_size, dataset, batch_size=0):
@@ -73,10 +77,17 @@ class SimCLR(Objective):
     view_a, _ = augment.view_augment(key_a, batch, cfg, self.image_size)
     view_b, _ = augment.view_augment(key_b, batch, cfg, self.image_size)
     b = view_a.shape[0]
-    # One encoder call on both views: BatchNorm statistics over 2B, as in the reference.
-    out = encoder(jnp.concatenate([view_a, view_b]), train=train)
-    z = MLP(tuple(self.proj_hidden), self.proj_dim, out_bias=False, dtype=self.dtype,
-            name="projector")(out.pooled, train=train)
-    loss, acc = nt_xent_loss(z[:b], z[b:], self.temperature)
+    projector = MLP(tuple(self.proj_hidden), self.proj_dim, out_bias=False,
+                    dtype=self.dtype, name="projector")
+    if self.per_view_bn:
+      outs = [encoder(v, train=train) for v in (view_a, view_b)]
+      z_a, z_b = (projector(o.pooled, train=train) for o in outs)
+      pooled_a = outs[0].pooled
+    else:
+      # One encoder call on both views: BatchNorm statistics over 2B, as in the reference.
+      out = encoder(jnp.concatenate([view_a, view_b]), train=train)
+      z = projector(out.pooled, train=train)
+      z_a, z_b, pooled_a = z[:b], z[b:], out.pooled[:b]
+    loss, acc = nt_xent_loss(z_a, z_b, self.temperature)
     return ObjectiveOutput(loss=loss, metrics={"contrastive_acc": acc},
-                           probe_features=out.pooled[:b])
+                           probe_features=pooled_a)

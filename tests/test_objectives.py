@@ -109,3 +109,37 @@ def test_contrastive_objectives_refuse_a_batch_without_negatives(tiny):
   c.train.batch_size = 1
   with pytest.raises(UserError, match="needs negatives"):
     Trainer(c, None)
+
+
+@pytest.mark.parametrize("per_view_bn, calls", [(False, [16]), (True, [8, 8])])
+def test_simclr_per_view_bn_calls_the_encoder_once_per_view(per_view_bn, calls):
+  """per_view_bn: BatchNorm statistics per view (two encoder calls of B), else one call of
+  2B; the loss is NT-Xent either way and finite."""
+  import flax.linen as nn
+
+  from encoders.common import EncoderOutput
+  from objectives.simclr import SimCLR
+
+  class Spy(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train, mask=None):
+      self.sow("intermediates", "batch", x.shape[0])
+      # Depends on the whole call's batch, as BatchNorm in training does.
+      feats = nn.Dense(8)(jnp.mean(x, axis=(1, 2)))
+      return EncoderOutput(pooled=feats - jnp.mean(feats, axis=0), maps={})
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, batch):
+      obj = SimCLR(image_size=16, per_view_bn=per_view_bn, proj_hidden=(16,), proj_dim=8)
+      return obj(Spy(), batch, train=True, step=0)
+
+  batch = {"image": jnp.asarray(np.random.RandomState(0).randint(0, 255, (8, 16, 16, 3)),
+                                jnp.uint8)}
+  rngs = {"params": jax.random.PRNGKey(0), "augment": jax.random.PRNGKey(1)}
+  variables = Model().init(rngs, batch)
+  out, state = Model().apply(variables, batch, rngs=rngs,
+                             mutable=["intermediates", "batch_stats"])
+  seen = jax.tree.leaves(state["intermediates"])
+  assert [int(n) for n in seen] == calls
+  assert np.isfinite(float(out.loss))

@@ -12,7 +12,9 @@ no blur: lightly's SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur
 
 The argument selects one difference from lightly's defaults to switch to theirs
 (`lightly_init`: torchvision's initialisation, every BatchNorm scale 1, instead of our
-zero-initialised last BatchNorm scale of each residual block); empty = our defaults.
+zero-initialised last BatchNorm scale of each residual block; `per_view_bn`: encoder and
+projector called once per view, so BatchNorm statistics are per view, as lightly's model
+is called on each view); several joined by `+`; empty = our defaults.
 """
 
 from selfsup.config import cifar10_config, objective
@@ -38,7 +40,9 @@ def get_config(arg: str = ""):
   c.optimizer.warmup_steps = 0
   for option in filter(None, arg.split("+")):
     if option == "lightly_init":
-      c.encoder = {"name": "resnet18", "cifar_stem": True, "zero_init_residual": False}
+      c.encoder = {**dict(c.encoder), "zero_init_residual": False}
+    elif option == "per_view_bn":
+      c.objectives.simclr.per_view_bn = True
     else:
-      raise ValueError(f"unknown option {option!r} (lightly_init)")
+      raise ValueError(f"unknown option {option!r} (lightly_init, per_view_bn)")
   return c
