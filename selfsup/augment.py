@@ -401,8 +401,8 @@ def color_jitter(key, image, brightness: float, contrast: float, saturation: flo
   [max(0, 1 - c), 1 + c], saturation in [max(0, 1 - s), 1 + s], hue shift uniform in
   [-h, h] (fraction of the colour wheel, h <= 0.5). The image is clipped to [0, 1] after
   every op, as in SimCLR's `color_jitter_rand`. With random_order the four ops run in a
-  random permutation per example: four steps, each selecting its op by the permutation
-  index. A strength that is a static 0 turns its op into the identity.
+  random permutation per example: four steps (one loop body), each selecting its op by
+  the permutation index. A strength that is a static 0 turns its op into the identity.
 
   Args:
     key: PRNG key.
@@ -471,9 +471,10 @@ def color_jitter(key, image, brightness: float, contrast: float, saturation: flo
     # argsort of uniforms is a uniform permutation with a single sort (ties have
     # probability ~0); jax.random.permutation does several rounds of sorting.
     order = jnp.argsort(u[5:9])
-    for step in range(4):
-      x = random_step(x, order[step])
-    return x
+    # A loop rather than four unrolled steps: every step evaluates all the ops and
+    # selects (see hsv_step), so unrolled the jitter was four copies of that graph, the
+    # largest part of a view's compile time. Same ops in the same order, same numbers.
+    return jax.lax.fori_loop(0, 4, lambda step, x: random_step(x, order[step]), x)
 
   return _apply_with_prob(u[0], prob, jitter, image)
 
@@ -682,6 +683,36 @@ def view_augment(key, images, cfg, out_size: int):
   images, valid = _images_and_valid(images)
   keys = per_example_keys(key, images.shape[0])
   return _vmap_views(keys, images, valid, p, out_size)
+
+
+def n_views(keys, images, cfg, out_size: int):
+  """Several views of every example, one per key, in one vmap: row v * B + b is
+  `view_augment(keys[v], images, cfg, out_size)[b]`, the same numbers.
+
+  One traced and compiled augmentation graph for all the views instead of one per
+  `view_augment` call: SimCLR's two views compile in about the time of one (a
+  ResNet-50 SimCLR step at 224 px: see README "Benchmark").
+
+  Args:
+    keys: (V,) PRNG keys (e.g. `jax.random.split(key, V)`), one per view.
+    images: (B, H, W, 3) uint8 (or float in [0, 1]), or the batch dict (as for
+      `view_augment`).
+    cfg: view config (see `default_view_config`) or a `ViewParams`: the same for every
+      view (views with different settings need separate `view_augment` calls).
+    out_size: side of the square views (static).
+
+  Returns:
+    (views, boxes): float32 (V * B, out_size, out_size, 3) and (V * B, 4), view-major.
+  """
+  p = view_params(cfg)
+  images, valid = _images_and_valid(images)
+  b = images.shape[0]
+  keys = jax.vmap(lambda k: per_example_keys(k, b))(keys)
+  keys = keys.reshape((keys.shape[0] * b,) + keys.shape[2:])
+  n = keys.shape[0] // b
+  tiled = jnp.tile(images, (n, 1, 1, 1))  # Row v * B + b is example b.
+  tiled_valid = None if valid is None else jnp.tile(valid, (n, 1))
+  return _vmap_views(keys, tiled, tiled_valid, p, out_size)
 
 
 def multi_crop(key, images, crops: Sequence[Any], cfg, return_boxes: bool = False):
