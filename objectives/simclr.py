@@ -74,8 +74,8 @@ class SimCLR(Objective):
         jitter_prob=self.jitter_prob, grayscale_prob=self.grayscale_prob,
         blur_prob=self.blur_prob)
     # Both views from one augmentation graph (rows [0, B): view a, [B, 2B): view b, the
-    # keys of one split, the numbers of two view_augment calls); it compiles in about
-    # the time of one view.
+    # keys of one split, the numbers of two view_augment calls): half the program to
+    # trace and lower.
     views, _ = augment.n_views(jax.random.split(self.make_rng("augment")), batch, cfg,
                                self.image_size)
     b = views.shape[0] // 2

@@ -401,8 +401,8 @@ def color_jitter(key, image, brightness: float, contrast: float, saturation: flo
   [max(0, 1 - c), 1 + c], saturation in [max(0, 1 - s), 1 + s], hue shift uniform in
   [-h, h] (fraction of the colour wheel, h <= 0.5). The image is clipped to [0, 1] after
   every op, as in SimCLR's `color_jitter_rand`. With random_order the four ops run in a
-  random permutation per example: four steps (one loop body), each selecting its op by
-  the permutation index. A strength that is a static 0 turns its op into the identity.
+  random permutation per example: four steps, each selecting its op by the permutation
+  index. A strength that is a static 0 turns its op into the identity.
 
   Args:
     key: PRNG key.
@@ -471,10 +471,12 @@ def color_jitter(key, image, brightness: float, contrast: float, saturation: flo
     # argsort of uniforms is a uniform permutation with a single sort (ties have
     # probability ~0); jax.random.permutation does several rounds of sorting.
     order = jnp.argsort(u[5:9])
-    # A loop rather than four unrolled steps: every step evaluates all the ops and
-    # selects (see hsv_step), so unrolled the jitter was four copies of that graph, the
-    # largest part of a view's compile time. Same ops in the same order, same numbers.
-    return jax.lax.fori_loop(0, 4, lambda step, x: random_step(x, order[step]), x)
+    # Unrolled on purpose: a fori_loop over the four steps (one body instead of four
+    # copies, the same numbers) traced ~20% slower under vmap and grad and did not
+    # compile faster (ResNet-50 SimCLR step, docs/design.md "Memory and compilation").
+    for step in range(4):
+      x = random_step(x, order[step])
+    return x
 
   return _apply_with_prob(u[0], prob, jitter, image)
 
@@ -689,9 +691,9 @@ def n_views(keys, images, cfg, out_size: int):
   """Several views of every example, one per key, in one vmap: row v * B + b is
   `view_augment(keys[v], images, cfg, out_size)[b]`, the same numbers.
 
-  One traced and compiled augmentation graph for all the views instead of one per
-  `view_augment` call: SimCLR's two views compile in about the time of one (a
-  ResNet-50 SimCLR step at 224 px: see README "Benchmark").
+  One traced and lowered augmentation graph for all the views instead of one per
+  `view_augment` call (SimCLR's two views: half the augmentation program, a quarter
+  less Python tracing of a ResNet-50 SimCLR step; see README "Benchmark").
 
   Args:
     keys: (V,) PRNG keys (e.g. `jax.random.split(key, V)`), one per view.
