@@ -73,13 +73,10 @@ class SimCLR(Objective):
         crop_scale=tuple(self.crop_scale), jitter_strength=self.jitter_strength,
         jitter_prob=self.jitter_prob, grayscale_prob=self.grayscale_prob,
         blur_prob=self.blur_prob)
-    # Both views from one augmentation graph (rows [0, B): view a, [B, 2B): view b, the
-    # keys of one split, the numbers of two view_augment calls): half the program to
-    # trace and lower.
-    views, _ = augment.n_views(jax.random.split(self.make_rng("augment")), batch, cfg,
-                               self.image_size)
-    b = views.shape[0] // 2
-    view_a, view_b = views[:b], views[b:]
+    key_a, key_b = jax.random.split(self.make_rng("augment"))
+    view_a, _ = augment.view_augment(key_a, batch, cfg, self.image_size)
+    view_b, _ = augment.view_augment(key_b, batch, cfg, self.image_size)
+    b = view_a.shape[0]
     projector = MLP(tuple(self.proj_hidden), self.proj_dim, out_bias=False,
                     dtype=self.dtype, name="projector")
     if self.per_view_bn:
@@ -88,7 +85,7 @@ class SimCLR(Objective):
       pooled_a = outs[0].pooled
     else:
       # One encoder call on both views: BatchNorm statistics over 2B, as in the reference.
-      out = encoder(views, train=train)
+      out = encoder(jnp.concatenate([view_a, view_b]), train=train)
       z = projector(out.pooled, train=train)
       z_a, z_b, pooled_a = z[:b], z[b:], out.pooled[:b]
     loss, acc = nt_xent_loss(z_a, z_b, self.temperature)

@@ -471,9 +471,6 @@ def color_jitter(key, image, brightness: float, contrast: float, saturation: flo
     # argsort of uniforms is a uniform permutation with a single sort (ties have
     # probability ~0); jax.random.permutation does several rounds of sorting.
     order = jnp.argsort(u[5:9])
-    # Unrolled on purpose: a fori_loop over the four steps (one body instead of four
-    # copies, the same numbers) traced ~20% slower under vmap and grad and did not
-    # compile faster (ResNet-50 SimCLR step, docs/design.md "Memory and compilation").
     for step in range(4):
       x = random_step(x, order[step])
     return x
@@ -685,36 +682,6 @@ def view_augment(key, images, cfg, out_size: int):
   images, valid = _images_and_valid(images)
   keys = per_example_keys(key, images.shape[0])
   return _vmap_views(keys, images, valid, p, out_size)
-
-
-def n_views(keys, images, cfg, out_size: int):
-  """Several views of every example, one per key, in one vmap: row v * B + b is
-  `view_augment(keys[v], images, cfg, out_size)[b]`, the same numbers.
-
-  One traced and lowered augmentation graph for all the views instead of one per
-  `view_augment` call (SimCLR's two views: half the augmentation program, a quarter
-  less Python tracing of a ResNet-50 SimCLR step; see README "Benchmark").
-
-  Args:
-    keys: (V,) PRNG keys (e.g. `jax.random.split(key, V)`), one per view.
-    images: (B, H, W, 3) uint8 (or float in [0, 1]), or the batch dict (as for
-      `view_augment`).
-    cfg: view config (see `default_view_config`) or a `ViewParams`: the same for every
-      view (views with different settings need separate `view_augment` calls).
-    out_size: side of the square views (static).
-
-  Returns:
-    (views, boxes): float32 (V * B, out_size, out_size, 3) and (V * B, 4), view-major.
-  """
-  p = view_params(cfg)
-  images, valid = _images_and_valid(images)
-  b = images.shape[0]
-  keys = jax.vmap(lambda k: per_example_keys(k, b))(keys)
-  keys = keys.reshape((keys.shape[0] * b,) + keys.shape[2:])
-  n = keys.shape[0] // b
-  tiled = jnp.tile(images, (n, 1, 1, 1))  # Row v * B + b is example b.
-  tiled_valid = None if valid is None else jnp.tile(valid, (n, 1))
-  return _vmap_views(keys, tiled, tiled_valid, p, out_size)
 
 
 def multi_crop(key, images, crops: Sequence[Any], cfg, return_boxes: bool = False):

@@ -304,17 +304,6 @@ def test_view_augment_per_example_independence(batch):
   np.testing.assert_array_equal(keys2, keys4[:2])
 
 
-def test_n_views_equals_one_view_augment_per_key(batch):
-  # One vmap over V x B (key, image) pairs: the numbers of V view_augment calls.
-  keys = jax.random.split(_key(2), 2)
-  views, boxes = jax.jit(augment.n_views, static_argnums=(2, 3))(keys, batch, RAW, 8)
-  assert views.shape == (8, 8, 8, 3) and boxes.shape == (8, 4)
-  for v in range(2):
-    one, one_boxes = VIEW(keys[v], batch, RAW, 8)
-    np.testing.assert_array_equal(views[4 * v:4 * v + 4], one)
-    np.testing.assert_array_equal(boxes[4 * v:4 * v + 4], one_boxes)
-
-
 def test_multi_crop(batch):
   images = batch[:2]
   views, boxes = MULTI(_key(), images)
