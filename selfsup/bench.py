@@ -2,7 +2,11 @@
 
 Measures the jitted train step of a config on the devices present and prints one JSON
 line: compile time cold (`compile_s`, an empty persistent cache) and warm
-(`compile_warm_s`, loaded from the cache, as a repeated or resumed run does), step time,
+(`compile_warm_s`, loaded from the cache, as a repeated or resumed run does), each split
+into tracing + lowering (`trace_s`, `trace_warm_s`: Python, paid by every process) and
+XLA (`xla_compile_s`; `xla_compile_warm_s` is the cache's load), their CPU seconds
+(`compile_cpu_s`, `compile_warm_cpu_s`) and `cache_hit_warm` (JAX's cache-hit event
+during the warm compile, so a warm time is never a silent recompile), step time,
 images/s, `peak_bytes_per_device` (XLA's memory analysis of the compiled step), FLOPs
 per step (XLA's cost analysis of the lowered step, see `step_flops`) and MFU = FLOPs
 per step / step time / (peak FLOP/s x devices).
