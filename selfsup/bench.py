@@ -2,7 +2,11 @@
 
 Measures the jitted train step of a config on the devices present and prints one JSON
 line: compile time cold (`compile_s`, an empty persistent cache) and warm
-(`compile_warm_s`, loaded from the cache, as a repeated or resumed run does), step time,
+(`compile_warm_s`, loaded from the cache, as a repeated or resumed run does), each split
+into tracing + lowering (`trace_s`, `trace_warm_s`: Python, paid by every process) and
+XLA (`xla_compile_s`; `xla_compile_warm_s` is the cache's load), their CPU seconds
+(`compile_cpu_s`, `compile_warm_cpu_s`) and `cache_hit_warm` (JAX's cache-hit event
+during the warm compile, so a warm time is never a silent recompile), step time,
 images/s, `peak_bytes_per_device` (XLA's memory analysis of the compiled step), FLOPs
 per step (XLA's cost analysis of the lowered step, see `step_flops`) and MFU = FLOPs
 per step / step time / (peak FLOP/s x devices).
@@ -124,6 +128,41 @@ def step_flops(lowered, compiled) -> float:
   return flops
 
 
+def _cpu_seconds() -> float:
+  import resource
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def timed_compile(jitted, *args) -> dict:
+  """Compiles a jitted function for args in stages, timed (wall and this process's CPU).
+
+  trace_s: tracing to a jaxpr and lowering to StableHLO (Python, pays again in every
+  new process: the persistent cache does not skip it); xla_s: XLA's compile, or the
+  persistent cache's load on a hit (cache_hits / cache_misses count the lookups, from
+  JAX's monitoring events); total_s: both. Also returns the lowered and compiled step.
+  """
+  from jax import monitoring
+  counts = {"cache_hits": 0, "cache_misses": 0}
+
+  def listen(event, **_):
+    for name in counts:
+      if event == f"/jax/compilation_cache/{name}":
+        counts[name] += 1
+
+  monitoring.register_event_listener(listen)
+  try:
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    lowered = jitted.trace(*args).lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2, c2 = time.perf_counter(), _cpu_seconds()
+  finally:
+    monitoring.unregister_event_listener(listen)
+  return {"trace_s": round(t1 - t0, 3), "xla_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3),
+          "cpu_s": round(c2 - c0, 3), **counts, "lowered": lowered, "compiled": compiled}
+
+
 def measure_input(iterator, batches: int) -> tuple[float, int]:
   """(images/s, images) of the host pipeline alone, after one warm-up batch (worker
   start-up excluded): decode, resize, batch, as the trainer's iterator does it."""
@@ -179,14 +218,12 @@ def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
     extra.update(input_images_per_s=round(rate, 1), num_workers=workers,
                  input_images_per_s_per_worker=round(rate / max(1, workers), 1))
   batch = trainer.shard_batch(next(trainer.iterator))
-  t0 = time.perf_counter()
-  lowered = trainer.step_fn.lower(trainer.state, batch)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  cold = timed_compile(trainer.step_fn, trainer.state, batch)
+  lowered, compiled = cold.pop("lowered"), cold.pop("compiled")
   jax.clear_caches()
-  t0 = time.perf_counter()
-  compiled = trainer.step_fn.lower(trainer.state, batch).compile()
-  compile_warm_s = time.perf_counter() - t0
+  warm = timed_compile(trainer.step_fn, trainer.state, batch)
+  compiled = warm.pop("compiled")
+  del warm["lowered"]
   memory = step_memory(compiled)
   # XLA's cost analysis counts a loop body once: with train.accumulate=K the K
   # micro-batches are a scan, so scale (the optimizer update, outside it, is small).
@@ -211,8 +248,15 @@ def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
       "dtype": config.train.dtype,
       "devices": n_dev,
       "device_kind": jax.devices()[0].device_kind,
-      "compile_s": round(compile_s, 3),
-      "compile_warm_s": round(compile_warm_s, 3),
+      "compile_s": cold["total_s"],
+      "compile_warm_s": warm["total_s"],
+      "trace_s": cold["trace_s"],
+      "xla_compile_s": cold["xla_s"],
+      "trace_warm_s": warm["trace_s"],
+      "xla_compile_warm_s": warm["xla_s"],
+      "compile_cpu_s": cold["cpu_s"],
+      "compile_warm_cpu_s": warm["cpu_s"],
+      "cache_hit_warm": warm["cache_hits"] > 0 and warm["cache_misses"] == 0,
       "peak_bytes_per_device": memory.get("peak_bytes_per_device"),
       "step_s": round(step_s, 5),
       "images_per_s": round(config.train.batch_size / step_s, 1),

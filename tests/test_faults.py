@@ -454,6 +454,9 @@ def test_bench_runs_on_synthetic_batches_of_the_configs_shape(tmp_path):
   result = bench.benchmark(bench.with_data(c, "synthetic"), steps=1)
   assert result["data"] == "synthetic:shapes" and result["image_size"] == 32
   assert result["batch_size"] == 8 and result["images_per_s"] > 0
+  # The compile split: trace+lower and XLA compile, cold; the warm one loads the cache.
+  assert 0 < result["trace_s"] < result["compile_s"] and result["xla_compile_s"] > 0
+  assert result["cache_hit_warm"] is True
   with pytest.raises(UserError, match="--steps must be >= 1"):
     bench.benchmark(c, steps=-3)
 
