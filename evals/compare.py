@@ -132,13 +132,12 @@ def run_configs(config: str, specs=None, *, dataset=None, encoder=None, steps=No
       raise UserError(f"--config {path} does not take its objectives from its argument (it "
                       f"gave {'+'.join(c.objectives.keys())} for {spec!r}); leave --objectives "
                       "out to run it once, or use a config such as experiments/quickstart.py")
-    apply_overrides(c, overrides, spec or path)
-    for key, value in (("seed", seed), ("data.source", dataset), ("data.image_size", image_size),
-                       ("data.data_dir", data_dir), ("train.steps", steps),
-                       ("train.batch_size", batch_size), ("train.dtype", dtype)):
-      if value is not None:
-        section, _, field = key.rpartition(".")
-        (c[section] if section else c)[field] = value
+    # --set first, then the named flags (which win where both set a key).
+    named = {key: value for key, value in (
+        ("seed", seed), ("data.source", dataset), ("data.image_size", image_size),
+        ("data.data_dir", data_dir), ("train.steps", steps), ("train.batch_size", batch_size),
+        ("train.dtype", dtype)) if value is not None}
+    apply_overrides(c, {**(overrides or {}), **named}, spec or path)
     if encoder:  # a whole encoder (with "name"), or fields of the config's encoder
       c.encoder = dict(encoder) if "name" in encoder else {**c.encoder.to_dict(), **encoder}
     n = c.train.steps

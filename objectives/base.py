@@ -17,8 +17,10 @@ Three optional hooks cover what cannot be a gradient step:
 - `host_update(state, host_outputs, step, ctx)`: NumPy/SciPy on the host between steps,
   fed by the `host` arrays the objective returned (for work that cannot be jitted; no
   objective needs it at present: NAT's Hungarian reassignment runs in its step). It
-  receives the device arrays (read them with `np.asarray`, which fetches only what is
-  read; copy before writing) and returns the state object unchanged when it has nothing
+  receives the device arrays (read them with `selfsup.distributed.to_host`, or
+  `RowReader` for a few rows of a large table: with one process that is `np.asarray`,
+  which fetches only what is read, and with several they gather what spans processes;
+  copy before writing) and returns the state object unchanged when it has nothing
   to do, or a new state that the trainer puts back on the devices.
 - `optimizer_groups()`: extra parameter groups with their own optimizer, e.g. a GAN
   discriminator, as {label: (path predicate, optax transform builder)}.

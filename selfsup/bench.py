@@ -35,7 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -201,6 +200,7 @@ def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
   folder) and warm (the same step again after clearing JAX's in-memory caches: what a
   repeated or resumed run pays with the cache on). input_batches > 0 also times the
   host pipeline alone over that many batches."""
+  import shutil
   import tempfile
 
   from selfsup.errors import UserError
@@ -237,7 +237,6 @@ def benchmark(config, steps: int = 20, input_batches: int = 0) -> dict:
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   n_dev = len(jax.devices())
-  import shutil
   shutil.rmtree(cache, ignore_errors=True)   # the bench's own cold cache
   peak, peak_source = device_peak_flops(config.train.dtype)
   return {

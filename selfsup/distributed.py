@@ -195,8 +195,8 @@ class RowReader:
   """`reader[rows]` = table[rows] as NumPy, for a table that may span processes.
 
   Only the rows asked for travel: a jitted gather whose result is replicated, so every
-  process reads the same rows of a table that no single host holds whole (NAT's
-  targets on ImageNet). `rows` must be the same on every process.
+  process reads the same rows of a table that no single host holds whole (a
+  per-example table on ImageNet). `rows` must be the same on every process.
   """
 
   def __init__(self, table):
