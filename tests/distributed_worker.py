@@ -9,7 +9,8 @@ device (BASE/one) and on all devices with FSDP (BASE/eight). Test hooks, from th
 environment: RECORD_DIR: each process appends the dataset indices of every local batch
 to RECORD_DIR/<workdir name>.p<process>.jsonl; KILL_AT_STEP=k (with KILL_PROCESS=p,
 default 1): process p kills itself with SIGKILL just before step k, as a preempted or
-OOM-killed host would die.
+OOM-killed host would die. The toy objective `host_memory` (tests/host_hook_objective.py)
+is registered in every worker, so configs can exercise the host-hook seam.
 """
 
 import json
@@ -60,6 +61,8 @@ def _single(argv):
 
 def main():
   mode, argv = sys.argv[1], [sys.argv[0]] + sys.argv[2:]
+  import host_hook_objective
+  host_hook_objective.register()   # the configs name `host_memory` (a host-hook objective)
   _hook_train_step()
   from selfsup import cli
   if mode == "train":

@@ -1,6 +1,7 @@
 """Multi-process runs on one machine: 2 processes x 4 fake CPU devices equal 1 x 8 and 1 x 1.
 
-One short rotation+SimCLR+NAT run (tiny CNN, 16 px, batch 16, 6 steps) is trained
+One short rotation+SimCLR+NAT+host_memory run (host_memory: a toy objective with a host
+hook, tests/host_hook_objective.py) (tiny CNN, 16 px, batch 16, 6 steps) is trained
   * in ONE process on 1 device and on 8 devices with FSDP (one subprocess, both layouts);
   * in TWO processes (4 CPU devices each) started as `srun` would (SLURM's variables),
     resuming the 8-device run's step-2 checkpoint (1 -> 2 processes); process 1 is
@@ -10,7 +11,8 @@ One short rotation+SimCLR+NAT run (tiny CNN, 16 px, batch 16, 6 steps) is traine
 It checks: the logged losses and the final parameters agree; at every step the two
 processes read disjoint halves of the global batch the 1-process run read (one global
 order); only process 0 wrote metrics.jsonl and TensorBoard; the checkpoint the two
-processes wrote restores in this (1-device) process. It also replaces the former
+processes wrote restores in this (1-device) process; the host hook's per-example table
+ends equal too, with every example's visits counted once per appearance. It also replaces the former
 8-devices-vs-1 test of tests/test_trainer.py (the FSDP checkpoint loads for evaluation).
 """
 
@@ -27,15 +29,18 @@ import jax
 import numpy as np
 import pytest
 
+import host_hook_objective
 from conftest import ROOT
 from selfsup.metrics_log import read_metrics
+
+host_hook_objective.register()   # evaluation below reads the configs that name it
 
 # Four processes' worth of compiles (about 4 minutes on 2 cores): .ci/run runs these
 # after the default suite (`python -m pytest -m ci`).
 pytestmark = pytest.mark.ci
 
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
-ARGS = ["--config", "experiments/quickstart.py:rotation+simclr+nat",
+ARGS = ["--config", "experiments/quickstart.py:rotation+simclr+nat+host_memory",
         "--config.data.image_size=16", "--config.train.batch_size=16",
         "--config.train.steps=6", "--config.train.log_every=1",
         "--config.train.checkpoint_every=2", "--config.train.progress_bar=False",
@@ -122,13 +127,15 @@ def _records(record, name):
   return out
 
 
-def _final_params(workdir, step=6):
+def _final_state(workdir, step=6):
+  """(all parameters as one vector, the host hook's {memory, seen} table) at `step`."""
   from selfsup.checkpoint import Checkpointer
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  state = ckpt.restore_state_only(step)
+  state = jax.device_get(ckpt.restore_state_only(step))
   ckpt.close()
-  leaves = jax.tree.leaves(jax.device_get(state["params"]))
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+  leaves = jax.tree.leaves(state["params"])
+  params = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+  return params, state["objective_state"][host_hook_objective.NAME]
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +182,17 @@ def test_two_processes_equal_one_and_eight_devices(runs):
     assert [r["step"] for r in read_metrics(str(other))] == list(range(1, 7))
     np.testing.assert_allclose(_losses(other), one, rtol=2e-4, atol=2e-5)
   # The checkpoints the two processes wrote restore in this 1-device process.
-  reference = _final_params(str(base / "single" / "one"))
-  np.testing.assert_allclose(_final_params(str(base / "two")), reference,
-                             rtol=1e-3, atol=2e-5)
+  reference, table = _final_state(str(base / "single" / "one"))
+  params, two_table = _final_state(str(base / "two"))
+  np.testing.assert_allclose(params, reference, rtol=1e-3, atol=2e-5)
+  # The host hook ran once per step in every layout, on the whole global batch (the
+  # killed launch's steps 3-4 were saved, then 5-6 by the rerun): 6 steps x 16 visits.
+  visits = [_records(runs["record"], "one")[s][0] for s in range(1, 7)]
+  expected = np.bincount(np.concatenate(visits), minlength=len(table["seen"]))
+  np.testing.assert_array_equal(table["seen"], expected)
+  np.testing.assert_array_equal(two_table["seen"], expected)
+  assert np.count_nonzero(table["memory"]) > 0
+  np.testing.assert_allclose(two_table["memory"], table["memory"], rtol=1e-3, atol=2e-5)
 
 
 def test_each_process_reads_its_half_of_one_global_order(runs):
