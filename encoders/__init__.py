@@ -33,11 +33,12 @@ def _resnet(depth):
 def _vit(size):
   width, depth, mlp_dim, heads = VIT_SIZES[size]
 
-  def build(dtype, patch_size=16, pooling="cls", remat="none"):
+  def build(dtype, patch_size=16, pooling="cls", remat="none", scan_blocks=False):
     if pooling not in ("cls", "mean"):
       raise UserError(f"encoder.pooling must be 'cls' or 'mean', not {pooling!r}")
     return ViT(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
-               patch_size=int(patch_size), pooling=pooling, dtype=dtype, remat=remat)
+               patch_size=int(patch_size), pooling=pooling, dtype=dtype, remat=remat,
+               scan_blocks=bool(scan_blocks))
   return build
 
 
@@ -75,7 +76,7 @@ def build_encoder(cfg, dtype: str = "float32", remat: str = "none", scan_blocks:
   `remat` (config.train.remat: none | blocks | full) goes to every encoder whose builder
   takes a `remat` option, unless `cfg` sets that option itself; an encoder without one
   accepts only "none". `scan_blocks` (config.train.scan_blocks) likewise goes to the
-  encoders that have it (ResNets) and is ignored by the others: it changes only how the
+  encoders that have it (ResNets, ViTs) and is ignored by the others: it changes only how the
   step compiles, not the parameters or the result.
   """
   check_remat(remat)

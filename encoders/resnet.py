@@ -17,10 +17,9 @@ from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from encoders.common import EncoderOutput, masked_mean, resize_mask
+from encoders.common import EncoderOutput, masked_mean, resize_mask, scan_children
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -95,39 +94,6 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
-def _scan_blocks(mdl, template, names, x, mask, *, remat: bool):
-  """Applies the blocks `names` (children of `mdl`, identical in shape) in turn with one
-  `lax.scan` over their stacked variables; writes their new BatchNorm statistics back.
-
-  The stacking (and, in the backward pass, unstacking) copies each block's parameters
-  once per step: small next to the block's activations.
-  """
-  variables = mdl.variables
-  params = [variables["params"][n] for n in names]
-  has_stats = "batch_stats" in variables
-  stats = [variables["batch_stats"][n] for n in names] if has_stats else [{}] * len(names)
-  update = has_stats and mdl.is_mutable_collection("batch_stats")
-
-  def stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-  def one(x, pv):
-    p, bs = pv
-    v = {"params": p, "batch_stats": bs} if has_stats else {"params": p}
-    if update:
-      y, new = template.apply(v, x, mask, mutable=["batch_stats"])
-      return y, new["batch_stats"]
-    return template.apply(v, x, mask), bs
-
-  if remat:
-    one = jax.checkpoint(one)
-  x, new_stats = jax.lax.scan(one, x, (stack(params), stack(stats)))
-  if update:
-    for i, n in enumerate(names):
-      mdl.put_variable("batch_stats", n, jax.tree.map(lambda a, i=i: a[i], new_stats))
-  return x
-
-
 REMAT = ("none", "blocks", "full")
 
 
@@ -198,9 +164,9 @@ class ResNet(nn.Module):
           x = block(width * 2**i, s, train, self.dtype, self.zero_init_residual,
                     name=name)(x, mask)
         if scanned:
-          x = _scan_blocks(mdl, block_cls(width * 2**i, 1, train, self.dtype,
-                                          self.zero_init_residual, parent=None),
-                           names[1:], x, mask, remat=self.remat != "none")
+          x = scan_children(mdl, block_cls(width * 2**i, 1, train, self.dtype,
+                                           self.zero_init_residual, parent=None),
+                            names[1:], x, mask, remat=self.remat != "none")
         stride *= 2 if i > 0 else 1
         maps[stride] = x
       m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])
