@@ -53,8 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
   # negatives per micro-batch; README "Scale out").
   c.train.remat = "none"
   c.train.accumulate = 1
-  # Compile time: run each ResNet stage's identical blocks as one lax.scan (one compiled
-  # block body per stage; same parameters and checkpoints either way; docs/design.md).
+  # Compile time on GPU/TPU (not measured): run each ResNet stage's identical blocks, and
+  # ViT's blocks, as one lax.scan (one compiled block body; the same parameters and
+  # checkpoints either way). Off: on CPU it compiles slower and steps much slower
+  # (docs/design.md "Memory and compilation").
   c.train.scan_blocks = False
   # Persistent XLA compilation cache: "user" (~/.cache/selfsup/jax, or
   # $XDG_CACHE_HOME/selfsup/jax), "workdir" (DIR/jax_cache), a folder, or "off".
