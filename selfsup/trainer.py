@@ -387,10 +387,13 @@ class Trainer:
     rng = jax.random.PRNGKey(config.seed)
     with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh:
       lowered = jax.jit(sharded_init).trace(rng).lower()
-      self.state_shardings = found["shardings"]
       compiled = lowered.compile(
           compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()) or None)
       self.state = compiled(rng)
+    # The shardings as the arrays carry them (equivalent to found["shardings"], but
+    # spelled as XLA returns them, e.g. P() for P(None,)): the step's out_shardings must
+    # match its inputs' exactly, or its second call compiles again.
+    self.state_shardings = jax.tree.map(lambda a: a.sharding, self.state)
 
   def _make_iterator(self):
     # Each process reads the rows of every global batch that its devices hold, out of
