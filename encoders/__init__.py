@@ -22,21 +22,23 @@ from selfsup.errors import UserError, unknown_name
 
 def _resnet(depth):
   def build(dtype, width_multiplier=1.0, cifar_stem=False, zero_init_residual=True,
-            remat="none"):
+            remat="none", scan_blocks=False):
     return ResNet(depth=depth, width_multiplier=float(width_multiplier),
                   cifar_stem=bool(cifar_stem), dtype=dtype,
-                  zero_init_residual=bool(zero_init_residual), remat=remat)
+                  zero_init_residual=bool(zero_init_residual), remat=remat,
+                  scan_blocks=bool(scan_blocks))
   return build
 
 
 def _vit(size):
   width, depth, mlp_dim, heads = VIT_SIZES[size]
 
-  def build(dtype, patch_size=16, pooling="cls", remat="none"):
+  def build(dtype, patch_size=16, pooling="cls", remat="none", scan_blocks=False):
     if pooling not in ("cls", "mean"):
       raise UserError(f"encoder.pooling must be 'cls' or 'mean', not {pooling!r}")
     return ViT(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
-               patch_size=int(patch_size), pooling=pooling, dtype=dtype, remat=remat)
+               patch_size=int(patch_size), pooling=pooling, dtype=dtype, remat=remat,
+               scan_blocks=bool(scan_blocks))
   return build
 
 
@@ -68,12 +70,14 @@ REGISTRY: dict[str, Callable[..., Any]] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_encoder(cfg, dtype: str = "float32", remat: str = "none"):
+def build_encoder(cfg, dtype: str = "float32", remat: str = "none", scan_blocks: bool = False):
   """Builds the encoder named `cfg.name` with the remaining fields of `cfg` as options.
 
   `remat` (config.train.remat: none | blocks | full) goes to every encoder whose builder
   takes a `remat` option, unless `cfg` sets that option itself; an encoder without one
-  accepts only "none".
+  accepts only "none". `scan_blocks` (config.train.scan_blocks) likewise goes to the
+  encoders that have it (ResNets, ViTs) and is ignored by the others: it changes only how the
+  step compiles, not the parameters or the result.
   """
   check_remat(remat)
   options = dict(cfg)
@@ -87,6 +91,8 @@ def build_encoder(cfg, dtype: str = "float32", remat: str = "none"):
     if key not in allowed:
       raise UserError(f"encoder {name!r} has no option {key!r}; valid options: "
                       f"{', '.join(allowed) or 'none'}")
+  if "scan_blocks" in allowed:
+    options.setdefault("scan_blocks", scan_blocks)
   if "remat" in allowed:
     options.setdefault("remat", remat)
   elif remat != "none":

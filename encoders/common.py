@@ -71,3 +71,35 @@ def scatter_tokens(tokens: jax.Array, keep: jax.Array, length: int, fill=0.0) ->
   b, _, d = tokens.shape
   grid = jnp.broadcast_to(jnp.asarray(fill, tokens.dtype), (b, length, d))
   return grid.at[jnp.arange(b)[:, None], keep].set(tokens)
+
+
+def scan_children(mdl, template, names, x, *args, remat: bool = False):
+  """x -> the children `names` of module `mdl` applied in turn (`child(x, *args)`), as one
+  `lax.scan` over their stacked variables, so XLA compiles one body for all of them.
+
+  The children must be identical in structure: `template` is an unbound module like
+  them (`parent=None`). Their parameters stay where `mdl.init` created them (one entry
+  per child); new BatchNorm statistics, if any, are written back to the same places.
+  `remat`: each child is recomputed in the backward pass (as `nn.remat` does). The
+  stacking (and unstacking of the gradients) copies the children's parameters once per
+  step, small next to their activations.
+  """
+  variables = mdl.variables
+  cols = [c for c in ("params", "batch_stats") if c in variables]
+  stacked = {c: jax.tree.map(lambda *xs: jnp.stack(xs), *[variables[c][n] for n in names])
+             for c in cols}
+  update = "batch_stats" in cols and mdl.is_mutable_collection("batch_stats")
+
+  def one(x, v):
+    if update:
+      y, new = template.apply(v, x, *args, mutable=["batch_stats"])
+      return y, new["batch_stats"]
+    return template.apply(v, x, *args), None
+
+  if remat:
+    one = jax.checkpoint(one)
+  x, new_stats = jax.lax.scan(one, x, stacked)
+  if update:
+    for i, n in enumerate(names):
+      mdl.put_variable("batch_stats", n, jax.tree.map(lambda a, i=i: a[i], new_stats))
+  return x

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from encoders.common import EncoderOutput, masked_mean, resize_mask
+from encoders.common import EncoderOutput, masked_mean, resize_mask, scan_children
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -113,6 +113,13 @@ class ResNet(nn.Module):
   so between the two passes only the input images are held (the encoder's activations
   are not kept while other views' or objectives' graphs run; about two more forward
   passes). Parameter names are the same for all three.
+
+  `scan_blocks` (config.train.scan_blocks): run the identical blocks of each stage (all
+  but its first, in stages of 3 or more blocks) as one `lax.scan` over their stacked
+  parameters, so XLA compiles one block body per stage instead of one per block:
+  ResNet-50's 16 blocks become 8 bodies. Same parameters (names, shapes, init), same
+  outputs up to float rounding; only the compiled program differs. For GPU/TPU: XLA's
+  CPU backend compiles and runs convolutions inside a loop body far slower.
   """
   depth: int = 50
   width_multiplier: float = 1.0
@@ -120,6 +127,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   zero_init_residual: bool = True  # last BN scale of each block starts at 0 (training)
   remat: str = "none"
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool, mask=None):
@@ -130,7 +138,8 @@ class ResNet(nn.Module):
     width = max(8, int(64 * self.width_multiplier))
 
     def body(mdl, images):
-      del mdl  # submodules below are created in this module's scope
+      # Submodules below are created in this module's scope; `mdl` is this module (or
+      # its clone under nn.remat), whose variables the scanned blocks read and write.
       x = images.astype(self.dtype)
       if mask is not None:  # masked pixels must not leak into visible receptive fields
         x = x * resize_mask(mask, x.shape[1], x.shape[2]).astype(x.dtype)
@@ -144,12 +153,21 @@ class ResNet(nn.Module):
       maps = {}
       k = 0
       for i, n in enumerate(blocks):
-        for j in range(n):
+        names = [f"{block_cls.__name__}_{k + j}" for j in range(n)]
+        k += n
+        # The blocks after a stage's first are identical (stride 1, same width): one
+        # lax.scan body compiles for all of them (apply only; init creates the usual
+        # per-block parameters, so the parameter tree does not depend on scan_blocks).
+        scanned = self.scan_blocks and n > 2 and not mdl.is_initializing()
+        for j, name in enumerate(names[:1] if scanned else names):
           s = 2 if (i > 0 and j == 0) else 1
           # Explicit names: the ones Flax gives the plain class, whatever `remat` is.
           x = block(width * 2**i, s, train, self.dtype, self.zero_init_residual,
-                    name=f"{block_cls.__name__}_{k}")(x, mask)
-          k += 1
+                    name=name)(x, mask)
+        if scanned:
+          x = scan_children(mdl, block_cls(width * 2**i, 1, train, self.dtype,
+                                           self.zero_init_residual, parent=None),
+                            names[1:], x, mask, remat=self.remat != "none")
         stride *= 2 if i > 0 else 1
         maps[stride] = x
       m = None if mask is None else resize_mask(mask, x.shape[1], x.shape[2])

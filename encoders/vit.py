@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from encoders.common import EncoderOutput, PatchMask, gather_visible, scatter_tokens
+from encoders.common import (EncoderOutput, PatchMask, gather_visible, scan_children,
+                             scatter_tokens)
 from encoders.resnet import check_remat
 
 SIZES = {  # name: (width, depth, mlp_dim, heads)
@@ -61,6 +62,9 @@ class ViT(nn.Module):
   # none | blocks (each transformer block recomputed in the backward pass) | full (the
   # whole block stack recomputed; only its input kept between the passes)
   remat: str = "none"
+  # One compiled body for the blocks (a lax.scan over their stacked parameters; the
+  # parameter tree is unchanged): see encoders.common.scan_children.
+  scan_blocks: bool = False
 
   def _pos_embed(self, gh: int, gw: int, d: int):
     """The learned position embeddings for a gh x gw token grid.
@@ -106,9 +110,16 @@ class ViT(nn.Module):
     block = nn.remat(EncoderBlock) if self.remat != "none" else EncoderBlock
 
     def blocks(mdl, x):
-      del mdl  # the blocks are created in this module's scope
-      for i in range(self.depth):
+      # The blocks are created in this module's scope; `mdl` is this module (or its
+      # clone under nn.remat), whose variables the scanned blocks read.
+      scanned = self.scan_blocks and self.depth > 2 and not mdl.is_initializing()
+      for i in range(1 if scanned else self.depth):
         x = block(self.mlp_dim, self.num_heads, self.dtype, name=f"block{i}")(x)
+      if scanned:   # blocks 1.. as one lax.scan (block 0 as the others: the same body)
+        x = scan_children(mdl, EncoderBlock(self.mlp_dim, self.num_heads, self.dtype,
+                                            parent=None),
+                          [f"block{i}" for i in range(1, self.depth)], x,
+                          remat=self.remat != "none")
       return x
 
     if self.remat == "full":   # the whole stack recomputed in the backward pass

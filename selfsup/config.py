@@ -53,6 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
   # negatives per micro-batch; README "Scale out").
   c.train.remat = "none"
   c.train.accumulate = 1
+  # Compile time on GPU/TPU (not measured): run each ResNet stage's identical blocks, and
+  # ViT's blocks, as one lax.scan (one compiled block body; the same parameters and
+  # checkpoints either way). Off: on CPU it compiles slower and steps much slower
+  # (docs/design.md "Memory and compilation").
+  c.train.scan_blocks = False
   # Persistent XLA compilation cache: "user" (~/.cache/selfsup/jax, or
   # $XDG_CACHE_HOME/selfsup/jax), "workdir" (DIR/jax_cache), a folder, or "off".
   # JAX_COMPILATION_CACHE_DIR, when set, wins over "user".
@@ -132,6 +137,9 @@ def validate(config) -> None:
   if config.train.remat not in REMAT_CHOICES:
     raise UserError(f"config.train.remat must be one of {', '.join(REMAT_CHOICES)} (activation "
                     f"rematerialisation), not {config.train.remat!r}")
+  if not isinstance(config.train.get("scan_blocks", False), bool):
+    raise UserError(f"config.train.scan_blocks must be true or false, got "
+                    f"{config.train.scan_blocks!r}")
   k = config.train.accumulate
   if not isinstance(k, int) or k < 1 or config.train.batch_size % k:
     raise UserError(f"config.train.accumulate must be an integer >= 1 that divides "

@@ -57,7 +57,8 @@ class PretextModel(nn.Module):
 def build_model(config, num_classes: int = 0, dataset_size: int = 0):
   """The PretextModel a config describes (also used by evals to rebuild the encoder)."""
   encoder = encoders.build_encoder(config.encoder, config.train.dtype,
-                                   remat=config.train.get("remat", "none"))
+                                   remat=config.train.get("remat", "none"),
+                                   scan_blocks=config.train.get("scan_blocks", False))
   dtype = encoders.DTYPES[config.train.dtype]
   names, templates, weights = [], [], []
   for name, options in config.objectives.items():
