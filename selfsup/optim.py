@@ -9,7 +9,6 @@ from weight decay and from LARS/LAMB trust-ratio adaptation, as in SimCLR/BYOL.
 import sys
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -80,21 +79,6 @@ def _base_optimizer(cfg, lr):
   if name == "adamw":
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=_decay_mask)
   return optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=wd, mask=_decay_mask)
-
-
-def global_norm(tree, fused: bool = True):
-  """The square root of the sum of squares of every leaf (optax.global_norm's value).
-
-  fused: one reduction over the leaves concatenated. XLA compiles a kernel per reduction,
-  so over ResNet-50's ~170 parameters that is one kernel instead of ~170 (~0.15 instead
-  of ~1 CPU s of compile on this CPU per norm). Only for replicated leaves: concatenating
-  sharded (FSDP, tensor-parallel) leaves would gather them; pass fused=False there.
-  """
-  leaves = jax.tree.leaves(tree)
-  if not fused or not leaves:
-    return optax.global_norm(tree)
-  return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(
-      [jnp.ravel(x).astype(jnp.float32) for x in leaves]))))
 
 
 def param_labels(params, extra_groups: dict):

@@ -62,8 +62,7 @@ def _merge_micro(x):
   return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def train_step(state, batch, *, model, tx, lr_schedule, accumulate: int = 1,
-               fused_norms: bool = False):
+def train_step(state, batch, *, model, tx, lr_schedule, accumulate: int = 1):
   """One optimisation step: (state, batch) -> (new state, metrics, host outputs).
 
   Pure; bound to a model, optimizer and schedule with functools.partial and jitted by the
@@ -77,10 +76,6 @@ def train_step(state, batch, *, model, tx, lr_schedule, accumulate: int = 1,
   running BatchNorm averages and objective state are updated micro-batch after
   micro-batch, and micro-batch i draws its augmentations from fold_in(rng, i): so K > 1
   matches K = 1 only for objectives without batch-coupled terms.
-
-  fused_norms: the logged and guarded global norms as one reduction each over the
-  leaves concatenated (`optim.global_norm`; fewer kernels to compile); the Trainer sets
-  it when the parameters are replicated.
   """
   step = state["step"]
   rng = jax.random.fold_in(state["rng"], step)
@@ -127,12 +122,12 @@ def train_step(state, batch, *, model, tx, lr_schedule, accumulate: int = 1,
   metrics = dict(metrics)
   metrics["loss"] = metrics["pretext_loss"]
   metrics["lr"] = lr_schedule(step)
-  grad_norm = optim.global_norm(grads, fused_norms)
+  grad_norm = optax.global_norm(grads)
   metrics["grad_norm"] = grad_norm
-  metrics["param_norm"] = optim.global_norm(params["encoder"], fused_norms)
+  metrics["param_norm"] = optax.global_norm(params["encoder"])
   # Three scalar reductions: cheap next to the step, and no host sync.
   finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-            & jnp.isfinite(optim.global_norm(params, fused_norms)))
+            & jnp.isfinite(optax.global_norm(params)))
   metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
 
   def keep_if_finite(new, old):
@@ -411,12 +406,9 @@ class Trainer:
   # ---- the step --------------------------------------------------------------------
   def _make_step(self):
     """The jitted step: train_step bound to this model/optimizer, state donated."""
-    replicated = all(s.is_fully_replicated
-                     for s in jax.tree.leaves(self.state_shardings["params"]))
     step = functools.partial(train_step, model=self.model, tx=self.tx,
                              lr_schedule=self.lr_schedule,
-                             accumulate=self.config.train.accumulate,
-                             fused_norms=replicated)
+                             accumulate=self.config.train.accumulate)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(self.state_shardings, None, None))
 
   def shard_batch(self, batch: dict) -> dict:
