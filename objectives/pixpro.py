@@ -65,7 +65,12 @@ from selfsup.errors import UserError
 
 
 def propagate(x, gx, gamma: float = 2.0):
-  """Pixel propagation: y_i = sum_j max(cos(x_i, x_j), 0)^gamma gx_j.
+  """Pixel propagation: y_i = sum_j max(cos(x_i, x_j), 0)^gamma g(x_j) / |g(x_j)|.
+
+  The transformed features are L2-normalised per pixel before they are propagated, as in
+  the reference's `featprop` (the paper's formula leaves it out): every pixel adds a unit
+  vector weighted by its similarity, so no pixel (or bias direction of g) can dominate
+  the sum by its norm alone.
 
   Args:
     x: (B, H, W, C) features whose similarities weigh the propagation.
@@ -77,9 +82,18 @@ def propagate(x, gx, gamma: float = 2.0):
   """
   b, h, w, c = x.shape
   xn = l2_normalize(x.reshape(b, h * w, c).astype(jnp.float32))
+  gn = l2_normalize(gx.reshape(b, h * w, -1).astype(jnp.float32))
   sim = jnp.maximum(jnp.einsum("bic,bjc->bij", xn, xn), 0.0) ** gamma
-  y = jnp.einsum("bij,bjd->bid", sim, gx.reshape(b, h * w, -1).astype(jnp.float32))
+  y = jnp.einsum("bij,bjd->bid", sim, gn)
   return y.reshape(b, h, w, -1)
+
+
+def spread(x):
+  """sqrt(D) times the mean per-dimension standard deviation of the L2-normalised rows of
+  x (..., D) taken over all leading axes: about 1 for directions spread over the sphere,
+  0 when they collapse to one direction (the collapse measure of BYOL / SimSiam, scaled)."""
+  xn = l2_normalize(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
+  return jnp.mean(jnp.std(xn, axis=0)) * jnp.sqrt(jnp.float32(x.shape[-1]))
 
 
 def positive_pairs(box_q, box_k, height: int, width: int, pos_ratio: float = 0.7):
@@ -234,9 +248,11 @@ class PixPro(Objective):
     if self.instance_weight > 0:
       instance_projector = PixelMLP((self.proj_hidden,), self.proj_dim, self.dtype,
                                     name="instance_projector")
-      q_inst = jnp.mean(instance_projector(fmap, train=train), axis=(1, 2))
-      q_inst = MLP((self.pred_hidden,), self.proj_dim, dtype=self.dtype, name="predictor")(
-          q_inst, train=train)
+      # As the reference: the predictor runs per pixel (BN over all pixels), then the
+      # prediction is averaged over the map.
+      q_inst = PixelMLP((self.pred_hidden,), self.proj_dim, self.dtype, name="predictor")(
+          instance_projector(fmap, train=train), train=train)
+      q_inst = jnp.mean(q_inst, axis=(1, 2))
 
     # The key network: EMA of the encoder and the projector(s), created at init as a copy.
     followed = [(encoder, encoder.path), (projector, projector.path)]
@@ -257,7 +273,8 @@ class PixPro(Objective):
                   + pixel_consistency_loss(y[b:], key[:b], mask_ba))
     metrics = {"pos_share": jnp.mean(mask_ab.astype(jnp.float32)),
                "pos_images": jnp.mean(jnp.any(mask_ab, axis=(1, 2)).astype(jnp.float32)),
-               "pixel_loss": loss}
+               "pixel_loss": loss,
+               "proj_spread": spread(x), "key_spread": spread(key)}
     if instance_projector is not None:
       k_inst = ema.apply_teacher(
           instance_projector, ema.lookup(teacher.value, instance_projector.path), t_map,
