@@ -53,17 +53,19 @@ invariance to the norm of g(x_j)).
 
 Measured on CIFAR-10 at the comparison budget (ResNet-18 x0.25, 300 steps at batch 128,
 probe on 10,000 / 2,000 images; see README "OBoW and PixPro"): PixPro does not beat a
-random-init encoder there, and the reason is a measured partial collapse, not a wrong
-mask, teacher or loss direction:
+random-init encoder there. What was measured is a partial collapse; the mask, boxes,
+teacher (init, schedule, no gradient, BN in training mode) and loss direction were
+checked against the reference and are right:
 - The earlier 27.30 vs 32.75 (36 px views, probe at 32 px) is mostly a resolution
   mismatch: with the ImageNet stem the encoder trains on 2x2 last maps and is probed on
   1x1 ones (BN running statistics of 2x2 maps). The same checkpoint probed at 36 px:
   36.20 vs 35.70 random-init. Compare at `--image_size 36` (or with `--cifar_stem`).
 - The student projection collapses into a cone within the first 10-30 steps
   (`proj_spread` 0.81 at init -> 0.31 at step 10 with AdamW 2e-3, 0.23 at step 30 with
-  the CIFAR stem): the PPM rewards making every pixel of a view similar (y_i then averages
-  all of g(x), the best predictor of any key pixel when a 2x2 or 4x4 map covers one
-  object), and the cheapest way is one large common direction of the projector output
+  the CIFAR stem). Our reading, not yet tested by an ablation: the PPM rewards making
+  every pixel of a view similar (y_i then averages all of g(x), a good predictor of any
+  key pixel when a 2x2 or 4x4 map covers one object); measured: the projector output
+  gets one large common direction
   (old checkpoint: mean output norm 46, batch mean 44, residual 18; the final bias only
   0.26; pixels of one image at cosine 0.97, of different images 0.92, vs 0.54 / 0.33 at
   init). The EMA key network inherits it (`key_spread` 0.80 -> 0.30 by step 150) and
