@@ -43,9 +43,12 @@ _OVERRIDES = {
     # and 3x3 word pooling. A 2048-word vocabulary fills in 16 steps at batch 128.
     "obow": {"num_words": 2048, "border": 0, "vocab_pool": 1},
     # A ResNet with the ImageNet stem has a 1x1 last map at 32 px: 36 px views are the
-    # smallest that give 2x2 (the tiny CNN: 3x3). PixPro+ (the instance branch on): the
-    # linear probe reads pooled features, which the pixel loss alone trains only
-    # indirectly. No blur on 32 px images; narrower heads for the CPU.
+    # smallest that give 2x2 (the tiny CNN: 3x3). A probe at 32 px then reads 1x1 maps
+    # the encoder never trained on (CIFAR-10: 27.30 at 32 px vs 36.20 at 36 px, one
+    # checkpoint), so compare PixPro with `--image_size 36` or `--cifar_stem`.
+    # PixPro+ (the instance branch on): the linear probe reads pooled features, which
+    # the pixel loss alone trains only indirectly. No blur on 32 px images; narrower
+    # heads for the CPU.
     "pixpro": {"view_size": 36, "proj_hidden": 512, "pred_hidden": 512,
                "blur_probs": (0.0, 0.0), "instance_weight": 1.0},
     # A light decoder for 64 tokens of ViT-Tiny (the reference's 8 x 512 is for ViT-B).

@@ -11,8 +11,10 @@ Pixel-to-propagation consistency between two crops of one image:
   solarize with `solarize_probs` = (0.0, 0.2) for the first and second view.
 - Query: the encoder's deepest feature map -> projector, an MLP of 1x1 convolutions
   (Linear -> BN -> ReLU -> Linear per pixel, 4096 -> 256) -> the pixel propagation module
-  y_i = sum_j max(cos(x_i, x_j), 0)^gamma g(x_j), gamma 2, g one 1x1 convolution
-  (`ppm_layers=2`: conv-BN-ReLU-conv).
+  y_i = sum_j max(cos(x_i, x_j), 0)^gamma g(x_j) / |g(x_j)|, gamma 2, g one 1x1
+  convolution (`ppm_layers=2`: conv-BN-ReLU-conv). g(x_j) is L2-normalised per pixel
+  before it is propagated, as the reference's `featprop` does (the paper's equation
+  leaves the normalisation out).
 - Key: the EMA of the encoder and the projector (momentum 0.99 -> 1.0 on a cosine over
   the run, `objectives/ema.py`), kept in `objective_state/pixpro/teacher` (a mirror of
   `params/encoder` and `params/pixpro/projector`) and updated in `post_update`; it gets
@@ -24,19 +26,61 @@ Pixel-to-propagation consistency between two crops of one image:
   other over its positive pairs (0 for an image without any), averaged over the batch,
   and over the two directions (the reference sums the directions and uses 2 - 2 cos; same
   gradient direction, half / double the scale).
-- PixPro+ (`instance_weight` > 0): an instance branch as BYOL: a second projector on the
-  map, averaged over positions, a predictor MLP, and minus the cosine to the key
-  encoder's (EMA) instance projection of the other view, symmetrised, added with that
-  weight.
-- Logged: `pos_share` (share of positive pairs among all pixel pairs) and `pos_images`
-  (share of images with at least one positive pair); with the instance branch,
+- PixPro+ (`instance_weight` > 0): an instance branch as BYOL: a second projector and a
+  predictor, both per pixel (1x1-conv MLPs, BN over all pixels), the prediction averaged
+  over positions (the reference's order: projector, predictor, then average pooling),
+  and minus the cosine to the key encoder's (EMA) instance projection of the other
+  view, averaged over positions, symmetrised, added with that weight.
+- Logged: `pos_share` (share of positive pairs among all pixel pairs), `pos_images`
+  (share of images with at least one positive pair), `proj_spread` and `key_spread`
+  (`spread`: sqrt(D) x the per-dimension std of the L2-normalised student projections /
+  keys over all pixels of the batch, the collapse measure of BYOL / SimSiam scaled so
+  that ~1 is spread over the sphere and 0 is one direction); with the instance branch,
   `instance_loss`.
 
 Both views go through the encoder in one call (BatchNorm statistics over 2B; the reference
 forwards the views separately). The feature map must have at least 2x2 pixels:
 `view_size` resizes the crops (0 = the training image size); on 32 px images a ResNet
-with the ImageNet stem has a 1x1 last map, so the quickstart uses 48 px views (2x2), and
+with the ImageNet stem has a 1x1 last map, so the quickstart uses 36 px views (2x2), and
 the CIFAR config the CIFAR stem (4x4 at 32 px).
+
+What differs from the reference, and why: both views in one encoder call (above); the
+loss's scale (above); 1x1 convolutions without a bias before BatchNorm (BN cancels it).
+Everything else follows `contrast/models/PixPro.py`: until this was checked, g(x) was
+propagated unnormalised and the PixPro+ predictor ran on the pooled projection (BN over
+B, not over B x H x W); both now follow the reference (tests: NumPy propagation, and
+invariance to the norm of g(x_j)).
+
+Measured on CIFAR-10 at the comparison budget (ResNet-18 x0.25, 300 steps at batch 128,
+probe on 10,000 / 2,000 images; see README "OBoW and PixPro"): PixPro does not beat a
+random-init encoder there. What was measured is a partial collapse; the mask, boxes,
+teacher (init, schedule, no gradient, BN in training mode) and loss direction were
+checked against the reference and are right:
+- The earlier 27.30 vs 32.75 (36 px views, probe at 32 px) is mostly a resolution
+  mismatch: with the ImageNet stem the encoder trains on 2x2 last maps and is probed on
+  1x1 ones (BN running statistics of 2x2 maps). The same checkpoint probed at 36 px:
+  36.20 vs 35.70 random-init. Compare at `--image_size 36` (or with `--cifar_stem`).
+- The student projection collapses into a cone within the first 10-30 steps
+  (`proj_spread` 0.81 at init -> 0.31 at step 10 with AdamW 2e-3, 0.23 at step 30 with
+  the CIFAR stem). Our reading, not yet tested by an ablation: the PPM rewards making
+  every pixel of a view similar (y_i then averages all of g(x), a good predictor of any
+  key pixel when a 2x2 or 4x4 map covers one object); measured: the projector output
+  gets one large common direction
+  (old checkpoint: mean output norm 46, batch mean 44, residual 18; the final bias only
+  0.26; pixels of one image at cosine 0.97, of different images 0.92, vs 0.54 / 0.33 at
+  init). The EMA key network inherits it (`key_spread` 0.80 -> 0.30 by step 150) and
+  the pixel loss reaches -0.93 to -0.95 with little left to learn. 4x4 maps (CIFAR stem)
+  show the same curve as 2x2 (`key_spread` at steps 30-150: 0.71, 0.46, 0.36, 0.32, 0.30
+  vs 0.70, 0.44, 0.34, 0.30, 0.28).
+- At 36 px (`--image_size 36`, 2x2 maps, probe at 36 px, this code): AdamW 2e-3 (the
+  quickstart) 36.05 / 84.75 vs random-init 35.70 / 84.40. The reference optimizer (LARS,
+  lr 1.0 x B/256, wd 1e-5, trust 0.001) forms the cone more slowly (`proj_spread` 0.79 at
+  step 10, 0.42 at the end; `key_spread` 0.46) but probes 35.70 / 83.45. Without the
+  instance branch (AdamW, `instance_weight=0`, the released PixPro) the pixel loss and
+  spreads follow the same curve and the probe reads 34.20 / 84.25.
+The published setting (224 px views, 7x7 maps over scenes with several objects, 100-400
+epochs) is where the PPM's averaging is not the trivial solution; this budget (under one
+epoch of CIFAR-10) is not.
 
 Reference settings (ImageNet, ResNet-50, PixPro_base_r50_400ep): 2 views of 224 px, crop
 area 0.08-1, BYOL colour augmentation; projector 4096 -> 256, PPM gamma 2 with one layer,
@@ -65,7 +109,12 @@ from selfsup.errors import UserError
 
 
 def propagate(x, gx, gamma: float = 2.0):
-  """Pixel propagation: y_i = sum_j max(cos(x_i, x_j), 0)^gamma gx_j.
+  """Pixel propagation: y_i = sum_j max(cos(x_i, x_j), 0)^gamma g(x_j) / |g(x_j)|.
+
+  The transformed features are L2-normalised per pixel before they are propagated, as in
+  the reference's `featprop` (the paper's formula leaves it out): every pixel adds a unit
+  vector weighted by its similarity, so no pixel (or bias direction of g) can dominate
+  the sum by its norm alone.
 
   Args:
     x: (B, H, W, C) features whose similarities weigh the propagation.
@@ -77,9 +126,18 @@ def propagate(x, gx, gamma: float = 2.0):
   """
   b, h, w, c = x.shape
   xn = l2_normalize(x.reshape(b, h * w, c).astype(jnp.float32))
+  gn = l2_normalize(gx.reshape(b, h * w, -1).astype(jnp.float32))
   sim = jnp.maximum(jnp.einsum("bic,bjc->bij", xn, xn), 0.0) ** gamma
-  y = jnp.einsum("bij,bjd->bid", sim, gx.reshape(b, h * w, -1).astype(jnp.float32))
+  y = jnp.einsum("bij,bjd->bid", sim, gn)
   return y.reshape(b, h, w, -1)
+
+
+def spread(x):
+  """sqrt(D) times the mean per-dimension standard deviation of the L2-normalised rows of
+  x (..., D) taken over all leading axes: about 1 for directions spread over the sphere,
+  0 when they collapse to one direction (the collapse measure of BYOL / SimSiam, scaled)."""
+  xn = l2_normalize(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
+  return jnp.mean(jnp.std(xn, axis=0)) * jnp.sqrt(jnp.float32(x.shape[-1]))
 
 
 def positive_pairs(box_q, box_k, height: int, width: int, pos_ratio: float = 0.7):
@@ -234,9 +292,11 @@ class PixPro(Objective):
     if self.instance_weight > 0:
       instance_projector = PixelMLP((self.proj_hidden,), self.proj_dim, self.dtype,
                                     name="instance_projector")
-      q_inst = jnp.mean(instance_projector(fmap, train=train), axis=(1, 2))
-      q_inst = MLP((self.pred_hidden,), self.proj_dim, dtype=self.dtype, name="predictor")(
-          q_inst, train=train)
+      # As the reference: the predictor runs per pixel (BN over all pixels), then the
+      # prediction is averaged over the map.
+      q_inst = PixelMLP((self.pred_hidden,), self.proj_dim, self.dtype, name="predictor")(
+          instance_projector(fmap, train=train), train=train)
+      q_inst = jnp.mean(q_inst, axis=(1, 2))
 
     # The key network: EMA of the encoder and the projector(s), created at init as a copy.
     followed = [(encoder, encoder.path), (projector, projector.path)]
@@ -257,7 +317,8 @@ class PixPro(Objective):
                   + pixel_consistency_loss(y[b:], key[:b], mask_ba))
     metrics = {"pos_share": jnp.mean(mask_ab.astype(jnp.float32)),
                "pos_images": jnp.mean(jnp.any(mask_ab, axis=(1, 2)).astype(jnp.float32)),
-               "pixel_loss": loss}
+               "pixel_loss": loss,
+               "proj_spread": spread(x), "key_spread": spread(key)}
     if instance_projector is not None:
       k_inst = ema.apply_teacher(
           instance_projector, ema.lookup(teacher.value, instance_projector.path), t_map,

@@ -21,6 +21,7 @@ def np_propagate(x, gx, gamma):
   b, h, w, c = x.shape
   xf = x.reshape(b, h * w, c)
   gf = gx.reshape(b, h * w, -1)
+  gf = gf / np.linalg.norm(gf, axis=-1, keepdims=True)   # the reference's featprop
   out = np.zeros_like(gf)
   for n in range(b):
     for i in range(h * w):
@@ -69,6 +70,31 @@ def test_pixel_propagation_matches_numpy():
     np.testing.assert_allclose(np.asarray(pixpro.propagate(jnp.asarray(x), jnp.asarray(gx), gamma)),
                                np_propagate(x.astype(np.float64), gx.astype(np.float64), gamma),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_propagation_is_blind_to_the_norm_of_the_transformed_pixels():
+  # The reference normalises g(x) per pixel before propagating: scaling one pixel's g(x)
+  # (e.g. by a large bias of g) must not change the output.
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(1, 2, 2, 5)).astype(np.float32)
+  gx = rng.normal(size=(1, 2, 2, 4)).astype(np.float32)
+  scaled = gx.copy()
+  scaled[0, 0, 0] *= 50.0
+  np.testing.assert_allclose(np.asarray(pixpro.propagate(jnp.asarray(x), jnp.asarray(scaled))),
+                             np.asarray(pixpro.propagate(jnp.asarray(x), jnp.asarray(gx))),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_spread_matches_numpy():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 2, 2, 8)).astype(np.float32)
+  xf = x.reshape(-1, 8).astype(np.float64)
+  xf /= np.linalg.norm(xf, axis=1, keepdims=True)
+  np.testing.assert_allclose(float(pixpro.spread(jnp.asarray(x))),
+                             xf.std(axis=0).mean() * np.sqrt(8), rtol=1e-5)
+  # One direction for every row: 0.
+  same = np.broadcast_to(x[:1, :1, :1], x.shape)
+  assert float(pixpro.spread(jnp.asarray(same))) < 1e-5
 
 
 def test_positive_pairs_match_numpy_for_flipped_and_disjoint_boxes():
