@@ -17,52 +17,34 @@ Used for the before/after table in README "Benchmark".
 
 import json
 import os
-import resource
 import sys
 import time
-
-
-def _cpu() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
-def _config(path_arg: str, overrides: list[str]):
-  import importlib.util
-  path, _, arg = path_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("experiment_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(arg) if arg else mod.get_config()
-  config.unlock()
-  for item in overrides:   # section.key=value, cast to the field's type
-    key, value = item.split("=", 1)
-    node, parts = config, key.split(".")
-    for p in parts[:-1]:
-      node = node[p]
-    old = node[parts[-1]]
-    node[parts[-1]] = value if isinstance(old, str) else type(old)(value)
-  return config
 
 
 def main(argv):
   if len(argv) < 3 or argv[0] != "--cache":
     sys.exit(__doc__)
-  cache, config = argv[1], _config(argv[2], argv[3:])
   import jax
   from jax import monitoring
+
+  from evals.compare import parse_overrides, run_configs
+  from selfsup.bench import cpu_seconds
   from selfsup.trainer import Trainer, step_memory
-  config.data.source = "synthetic:shapes"
+  # FILE.py[:ARG] with KEY=VALUE overrides (values read as Python literals), as
+  # `evals.compare --config FILE --set KEY=VALUE` reads them.
+  cache = argv[1]
+  (_, config), = run_configs(argv[2], dataset="synthetic:shapes",
+                             overrides=parse_overrides(argv[3:]))
   config.data.num_workers = 0
   config.train.progress_bar = False
   config.train.compile_cache = cache
   out = {}
 
   def stage(name, fn):
-    t, c = time.perf_counter(), _cpu()
+    t, c = time.perf_counter(), cpu_seconds()
     result = fn()
     out[name + "_s"] = round(time.perf_counter() - t, 2)
-    out[name + "_cpu_s"] = round(_cpu() - c, 2)
+    out[name + "_cpu_s"] = round(cpu_seconds() - c, 2)
     return result
 
   trainer = stage("build", lambda: Trainer(config, None))
@@ -94,7 +76,7 @@ def main(argv):
     jax.block_until_ready(metrics)
     out["step_s"] = round((time.perf_counter() - t) / n, 4)
     out["loss"] = float(metrics["loss"])
-  out["process_cpu_s"] = round(_cpu(), 2)
+  out["process_cpu_s"] = round(cpu_seconds(), 2)
   print(json.dumps(out), flush=True)
 
 

@@ -127,7 +127,8 @@ def step_flops(lowered, compiled) -> float:
   return flops
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+  """This process's CPU seconds so far (user + system)."""
   import resource
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
@@ -151,11 +152,11 @@ def timed_compile(jitted, *args) -> dict:
 
   monitoring.register_event_listener(listen)
   try:
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     lowered = jitted.trace(*args).lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
-    t2, c2 = time.perf_counter(), _cpu_seconds()
+    t2, c2 = time.perf_counter(), cpu_seconds()
   finally:
     monitoring.unregister_event_listener(listen)
   return {"trace_s": round(t1 - t0, 3), "xla_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3),

@@ -125,7 +125,6 @@ def test_vit_reads_its_position_embeddings_at_another_resolution():
   assert same.maps[4].shape == (2, 4, 4, 16)
 
 
-
 def _scan_case(remat, masked, depth=34):
   """(unrolled, scanned) of one jitted ResNet (tiny width) train step: loss, new
   BatchNorm statistics, gradients; and eval features."""
