@@ -95,9 +95,9 @@ shared with other jobs; each cell is probe top-1 (difference to that seed's rand
 | `margin=30` | 21.10 (-0.60) | - | - | - |
 | `margin=100` (hinge active 0.52 at step 300) | 20.95 (-0.75) | - | - | - |
 
-(The seed-0 default read 21.30 in the first table and 20.70 here: the code between the
-two runs changed elsewhere, and the CPU was shared; the seed-0 `grayscale_prob=0` cell is
-the first table's run.) No variant beats the baseline in every seed by more than the
+(The seed-0 default read 21.30 in the first table, on an earlier version of this code,
+and 20.70 here, on this one; the seed-0 `grayscale_prob=0` cell is the first table's
+run.) No variant beats the baseline in every seed by more than the
 seed-to-seed spread: the sharp tiles come closest (+1.22 on average, two seeds of
 three). A probe of every stage (`python -m evals.linear_probe --layers all`, default,
 seed 0) shows no stage of the trained encoder above the random one either (strides

@@ -372,12 +372,9 @@ class Trainer:
     # One trace of `init` (tracing runs the whole model forward on a dummy batch): the
     # shardings come from the traced shapes and are applied as a constraint, instead of
     # a jax.eval_shape trace first and a second trace with out_shardings.
-    found = {}
-
     def sharded_init(rng):
       state = init(rng)
-      found["shardings"] = state_shardings(state)
-      return jax.lax.with_sharding_constraint(state, found["shardings"])
+      return jax.lax.with_sharding_constraint(state, state_shardings(state))
 
     rng = jax.random.PRNGKey(config.seed)
     with jax.sharding.use_mesh(self.mesh) if hasattr(jax.sharding, "use_mesh") else self.mesh:
@@ -385,7 +382,7 @@ class Trainer:
       compiled = lowered.compile(
           compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()) or None)
       self.state = compiled(rng)
-    # The shardings as the arrays carry them (equivalent to found["shardings"], but
+    # The shardings as the arrays carry them (equivalent to what state_shardings gave, but
     # spelled as XLA returns them, e.g. P() for P(None,)): the step's out_shardings must
     # match its inputs' exactly, or its second call compiles again.
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.state)
