@@ -160,6 +160,33 @@ def run_configs(config: str, specs=None, *, dataset=None, encoder=None, steps=No
   return out
 
 
+# The option that sets each objective's main training views' side (0 = the image size).
+_VIEW_SIZE_FIELDS = ("view_size", "large_size", "crop_size")
+
+
+def view_size_warnings(configs) -> list[str]:
+  """One line per objective whose main views are not the probe's image size.
+
+  The probe reads whole images at `data.image_size`; an encoder trained on views of
+  another side has other feature-map sizes and BatchNorm statistics there (PixPro on
+  CIFAR-10, ImageNet stem: trained on 36 px views, one checkpoint probed 27.30 at 32 px
+  and 36.20 at 36 px), so the comparison would measure the mismatch.
+  """
+  lines = []
+  for run, c in configs:
+    size = c.data.image_size
+    for name, options in c.objectives.items():
+      for field in _VIEW_SIZE_FIELDS:
+        side = options.get(field, 0)
+        if side and side != size:
+          lines.append(
+              f"warning: run {run!r} trains {name} on {side} px views "
+              f"(objectives.{name}.{field}={side}) but the probe reads {size} px images; "
+              f"to train and probe at one size pass --image_size {side} --set "
+              f"objectives.{name}.{field}=0")
+  return lines
+
+
 def _check_objectives(configs) -> None:
   """Builds every objective and runs its start-up checks on the training source."""
   import numpy as np
@@ -214,6 +241,8 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
   data.check()
   data.sources()
   _check_objectives(configs)
+  for line in view_size_warnings(configs):
+    _note(line)
 
   rows = []
   # The baseline first: a run cut short still has it.

@@ -157,3 +157,17 @@ def test_compare_set_overrides_any_config_field_and_names_unknown_ones():
     run_configs("experiments/quickstart.py", ["rotation"], overrides=sets)
   with pytest.raises(UserError, match="KEY=VALUE"):
     parse_overrides(["objectives.swav.epsilon"])
+
+
+def test_compare_warns_when_an_objective_trains_at_another_size_than_the_probe():
+  from evals.compare import parse_overrides, run_configs, view_size_warnings
+  # The quickstart's PixPro trains on 36 px views of 32 px images.
+  configs = run_configs("experiments/quickstart.py", ["rotation", "pixpro"])
+  (line,) = view_size_warnings(configs)
+  assert "'pixpro' trains pixpro on 36 px views" in line and "reads 32 px" in line
+  assert "--image_size 36 --set objectives.pixpro.view_size=0" in line
+  # Following the advice silences it; so does any objective trained at the probe's size.
+  fixed = run_configs("experiments/quickstart.py", ["pixpro"], image_size=36,
+                      overrides=parse_overrides(["objectives.pixpro.view_size=0"]))
+  assert view_size_warnings(fixed) == []
+  assert view_size_warnings(run_configs("experiments/quickstart.py", ["swav", "obow"])) == []
