@@ -1,9 +1,13 @@
 """What every encoder returns, and the mask helpers shared by the convnets."""
 
+import functools
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import lift
 
 
 class EncoderOutput(NamedTuple):
@@ -103,3 +107,99 @@ def scan_children(mdl, template, names, x, *args, remat: bool = False):
     for i, n in enumerate(names):
       mdl.put_variable("batch_stats", n, jax.tree.map(lambda a, i=i: a[i], new_stats))
   return x
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recompute(f, diff, other):
+  return f(diff, other)
+
+
+def _recompute_fwd(f, diff, other):
+  return f(diff, other), (diff, other)
+
+
+def _tie(xs, ct):
+  """xs (float arrays), each plus a zero computed from the cotangent `ct`.
+
+  XLA cannot prove the zero is zero (`s > inf` is false for every s, NaN included), so
+  every use of the result waits for `ct`; the values are unchanged. Not
+  `lax.optimization_barrier((xs, ct))`: XLA's CPU compiler removes barriers before it
+  schedules (OptimizationBarrierExpander), so they order nothing there, and a barrier
+  over the zero cotangents of unused outputs makes XLA materialise them.
+  The tie also prevents CSE with the forward pass (the inputs differ)."""
+  firsts = [jnp.ravel(c)[0].astype(jnp.float32) for c in jax.tree.leaves(ct)
+            if _is_float(c) and c.size]
+  if not firsts:
+    return xs
+  zero = (sum(firsts) > jnp.inf).astype(jnp.float32)
+  return jax.tree.map(lambda a: a + zero.astype(a.dtype), xs)
+
+
+def _recompute_bwd(f, residuals, ct):
+  diff, other = residuals
+  diff = _tie(diff, ct)   # the recomputation waits for the cotangent
+  _, vjp = jax.vjp(lambda d: f(d, other), diff)
+  return vjp(ct)[0], jax.tree.map(lambda _: None, other)
+
+
+_recompute.defvjp(_recompute_fwd, _recompute_bwd)
+
+
+def recompute_after_cotangent(fun):
+  """`jax.checkpoint(fun)` whose recomputation waits for the cotangent.
+
+  A custom VJP: the forward pass keeps only `fun`'s inputs; the backward pass reruns
+  `fun` on them (with `jax.vjp`) once the cotangent of its outputs has arrived, because
+  it reruns it on inputs tied to that cotangent (`_tie`). `jax.checkpoint`'s inputs to
+  the recomputation are ready in the forward pass, and XLA's CPU scheduler runs the
+  recomputation there, right after the original, which keeps every activation alive
+  (docs/design.md "Memory and compilation"). Float array inputs (and float values `fun`
+  closes over) are differentiated; other arrays (integers, booleans, PRNG keys) get no
+  gradient; other leaves (Python numbers, None) stay static. Reverse mode only (a
+  custom VJP has no `jax.jvp`).
+  """
+  def wrapped(*args):
+    leaves, tree = jax.tree.flatten(args)
+    arrays = [i for i, a in enumerate(leaves) if _is_array(a)]
+    is_diff = {i: _is_float(leaves[i]) for i in arrays}
+
+    def f(diff, other):
+      d, o, full = iter(diff), iter(other), list(leaves)
+      for i in arrays:
+        full[i] = next(d) if is_diff[i] else next(o)
+      return fun(*jax.tree.unflatten(tree, full))
+
+    diff = [leaves[i] for i in arrays if is_diff[i]]
+    other = [leaves[i] for i in arrays if not is_diff[i]]
+    # Float values `fun` closes over (maybe differentiated) become explicit inputs.
+    g, consts = jax.closure_convert(f, diff, other)
+    n = len(diff)
+    return _recompute(lambda d, o: g(d[:n], o, *d[n:]), diff + list(consts), other)
+  return wrapped
+
+
+def _lift_remat(fn, variables=True, rngs=True):
+  """`flax.core.lift.checkpoint` with `recompute_after_cotangent` for `jax.checkpoint`."""
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args, **kwargs):
+    def rematted(variable_groups, rng_groups, *args):
+      scope = scope_fn(variable_groups, rng_groups)
+      y = fn(scope, *args, **kwargs)
+      return y, repack_fn(scope)
+    return recompute_after_cotangent(rematted)(variable_groups, rng_groups, *args)
+  return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
+
+
+def remat(target):
+  """`nn.remat` (a Module class, or a method-like function of a module) whose
+  recomputation runs in the backward pass, after the cotangent arrives
+  (`recompute_after_cotangent`). Same variables, names, rng streams and mutable
+  collections (BatchNorm statistics) as the plain target."""
+  return nn.transforms.lift_transform(_lift_remat, target)
