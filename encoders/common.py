@@ -117,35 +117,53 @@ def _is_float(x) -> bool:
   return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recompute(f, diff, other):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recompute(f, tie, diff, other):
   return f(diff, other)
 
 
-def _recompute_fwd(f, diff, other):
+def _recompute_fwd(f, tie, diff, other):
   return f(diff, other), (diff, other)
 
 
-def _tie(xs, ct):
-  """xs (float arrays), each plus a zero computed from the cotangent `ct`.
+def _tie(xs, tie, ct):
+  """xs (float arrays) plus zeros computed from the cotangent `ct`: the same values, but
+  every use of the result waits for `ct`. `tie[i]`: whether xs[i] is one to tie.
 
-  XLA cannot prove the zero is zero (`s > inf` is false for every s, NaN included), so
-  every use of the result waits for `ct`; the values are unchanged. Not
+  The zero of example i is `float(s_i > inf)`, s_i the sum of one entry of row i of each
+  cotangent with that leading size: always 0 (NaN included), and XLA cannot fold it. An
+  input to tie whose leading size is a cotangent's gets its rows' zeros, so a
+  batch-sharded activation is tied without communication; otherwise a scalar zero.
+  Inputs not to tie (parameters) stay as they are when some input was tied: what uses
+  only them is small, all that uses a tied input waits. Not
   `lax.optimization_barrier((xs, ct))`: XLA's CPU compiler removes barriers before it
   schedules (OptimizationBarrierExpander), so they order nothing there, and a barrier
-  over the zero cotangents of unused outputs makes XLA materialise them.
-  The tie also prevents CSE with the forward pass (the inputs differ)."""
-  firsts = [jnp.ravel(c)[0].astype(jnp.float32) for c in jax.tree.leaves(ct)
-            if _is_float(c) and c.size]
-  if not firsts:
+  over the zero cotangents of unused outputs makes XLA materialise them. The tie also
+  keeps XLA from merging the recomputation with the forward pass (CSE): inputs differ.
+  """
+  rows = {}
+  for c in jax.tree.leaves(ct):
+    if _is_float(c) and c.ndim and c.size:
+      rows.setdefault(c.shape[0], []).append(c[(slice(None),) + (0,) * (c.ndim - 1)]
+                                             .astype(jnp.float32))
+  if not rows:
     return xs
-  zero = (sum(firsts) > jnp.inf).astype(jnp.float32)
-  return jax.tree.map(lambda a: a + zero.astype(a.dtype), xs)
+  zeros = {n: (sum(r) > jnp.inf).astype(jnp.float32) for n, r in rows.items()}
+  if not any(tie):
+    tie = [True] * len(xs)
+
+  def tied(a, t):
+    if not t:
+      return a
+    if a.ndim and a.shape[0] in zeros:
+      return a + zeros[a.shape[0]].reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
+    return a + next(iter(zeros.values()))[0].astype(a.dtype)
+  return [tied(a, t) for a, t in zip(xs, tie)]
 
 
-def _recompute_bwd(f, residuals, ct):
+def _recompute_bwd(f, tie, residuals, ct):
   diff, other = residuals
-  diff = _tie(diff, ct)   # the recomputation waits for the cotangent
+  diff = _tie(diff, tie, ct)   # the recomputation waits for the cotangent
   _, vjp = jax.vjp(lambda d: f(d, other), diff)
   return vjp(ct)[0], jax.tree.map(lambda _: None, other)
 
@@ -153,21 +171,23 @@ def _recompute_bwd(f, residuals, ct):
 _recompute.defvjp(_recompute_fwd, _recompute_bwd)
 
 
-def recompute_after_cotangent(fun):
+def recompute_after_cotangent(fun, tie_argnums=None):
   """`jax.checkpoint(fun)` whose recomputation waits for the cotangent.
 
   A custom VJP: the forward pass keeps only `fun`'s inputs; the backward pass reruns
   `fun` on them (with `jax.vjp`) once the cotangent of its outputs has arrived, because
-  it reruns it on inputs tied to that cotangent (`_tie`). `jax.checkpoint`'s inputs to
-  the recomputation are ready in the forward pass, and XLA's CPU scheduler runs the
-  recomputation there, right after the original, which keeps every activation alive
-  (docs/design.md "Memory and compilation"). Float array inputs (and float values `fun`
-  closes over) are differentiated; other arrays (integers, booleans, PRNG keys) get no
-  gradient; other leaves (Python numbers, None) stay static. Reverse mode only (a
-  custom VJP has no `jax.jvp`).
+  it reruns it on inputs tied to that cotangent (`_tie`; `tie_argnums`: the arguments
+  to tie, the activations; None: all). `jax.checkpoint`'s inputs to the recomputation
+  are ready in the forward pass, and XLA's CPU scheduler runs the recomputation there,
+  right after the original, which keeps every activation alive (docs/design.md "Memory
+  and compilation"). Float array inputs (and float values `fun` closes over) are
+  differentiated; other arrays (integers, booleans, PRNG keys) get no gradient; other
+  leaves (Python numbers, None) stay static. Reverse mode only (a custom VJP has no
+  `jax.jvp`).
   """
   def wrapped(*args):
     leaves, tree = jax.tree.flatten(args)
+    owner = [i for i, arg in enumerate(args) for _ in jax.tree.leaves(arg)]
     arrays = [i for i, a in enumerate(leaves) if _is_array(a)]
     is_diff = {i: _is_float(leaves[i]) for i in arrays}
 
@@ -179,10 +199,12 @@ def recompute_after_cotangent(fun):
 
     diff = [leaves[i] for i in arrays if is_diff[i]]
     other = [leaves[i] for i in arrays if not is_diff[i]]
+    tie = tuple(tie_argnums is None or owner[i] in tie_argnums for i in arrays if is_diff[i])
     # Float values `fun` closes over (maybe differentiated) become explicit inputs.
     g, consts = jax.closure_convert(f, diff, other)
     n = len(diff)
-    return _recompute(lambda d, o: g(d[:n], o, *d[n:]), diff + list(consts), other)
+    return _recompute(lambda d, o: g(d[:n], o, *d[n:]), tie + (False,) * len(consts),
+                      diff + list(consts), other)
   return wrapped
 
 
@@ -193,7 +215,8 @@ def _lift_remat(fn, variables=True, rngs=True):
       scope = scope_fn(variable_groups, rng_groups)
       y = fn(scope, *args, **kwargs)
       return y, repack_fn(scope)
-    return recompute_after_cotangent(rematted)(variable_groups, rng_groups, *args)
+    ties = tuple(range(2, 2 + len(args)))   # the call's arguments, not the variables
+    return recompute_after_cotangent(rematted, ties)(variable_groups, rng_groups, *args)
   return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
 
 
