@@ -118,28 +118,29 @@ def _is_float(x) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recompute(f, tie, diff, other):
+def _recompute(f, by_row, diff, other):
   return f(diff, other)
 
 
-def _recompute_fwd(f, tie, diff, other):
+def _recompute_fwd(f, by_row, diff, other):
   return f(diff, other), (diff, other)
 
 
-def _tie(xs, tie, ct):
+def _tie(xs, by_row, ct):
   """xs (float arrays) plus zeros computed from the cotangent `ct`: the same values, but
-  every use of the result waits for `ct`. `tie[i]`: whether xs[i] is one to tie.
+  every use of the result waits for `ct`.
 
   The zero of example i is `float(s_i > inf)`, s_i the sum of one entry of row i of each
-  cotangent with that leading size: always 0 (NaN included), and XLA cannot fold it. An
-  input to tie whose leading size is a cotangent's gets its rows' zeros, so a
-  batch-sharded activation is tied without communication; otherwise a scalar zero.
-  Inputs not to tie (parameters) stay as they are when some input was tied: what uses
-  only them is small, all that uses a tied input waits. Not
-  `lax.optimization_barrier((xs, ct))`: XLA's CPU compiler removes barriers before it
-  schedules (OptimizationBarrierExpander), so they order nothing there, and a barrier
-  over the zero cotangents of unused outputs makes XLA materialise them. The tie also
-  keeps XLA from merging the recomputation with the forward pass (CSE): inputs differ.
+  cotangent with that leading size: always 0 (NaN included), and XLA cannot fold it.
+  xs[i] with `by_row[i]` (activations) whose leading size is a cotangent's gets its
+  rows' zeros, so a batch-sharded activation is tied without communication; the others
+  (parameters) get one scalar zero, which on a batch-sharded mesh is one scalar
+  all-reduce. Tying only the activations is not enough: ViT-Ti's blocks then needed 309
+  MiB instead of 156 on this CPU (docs/design.md). Not `lax.optimization_barrier((xs,
+  ct))`: XLA's CPU compiler removes barriers before it schedules
+  (OptimizationBarrierExpander), so they order nothing there, and a barrier over the
+  zero cotangents of unused outputs makes XLA materialise them. The tie also keeps XLA
+  from merging the recomputation with the forward pass (CSE): the inputs differ.
   """
   rows = {}
   for c in jax.tree.leaves(ct):
@@ -149,21 +150,18 @@ def _tie(xs, tie, ct):
   if not rows:
     return xs
   zeros = {n: (sum(r) > jnp.inf).astype(jnp.float32) for n, r in rows.items()}
-  if not any(tie):
-    tie = [True] * len(xs)
+  scalar = sum(z[0] for z in zeros.values())
 
-  def tied(a, t):
-    if not t:
-      return a
-    if a.ndim and a.shape[0] in zeros:
+  def tied(a, row):
+    if row and a.ndim and a.shape[0] in zeros:
       return a + zeros[a.shape[0]].reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
-    return a + next(iter(zeros.values()))[0].astype(a.dtype)
-  return [tied(a, t) for a, t in zip(xs, tie)]
+    return a + scalar.astype(a.dtype)
+  return [tied(a, row) for a, row in zip(xs, by_row)]
 
 
-def _recompute_bwd(f, tie, residuals, ct):
+def _recompute_bwd(f, by_row, residuals, ct):
   diff, other = residuals
-  diff = _tie(diff, tie, ct)   # the recomputation waits for the cotangent
+  diff = _tie(diff, by_row, ct)   # the recomputation waits for the cotangent
   _, vjp = jax.vjp(lambda d: f(d, other), diff)
   return vjp(ct)[0], jax.tree.map(lambda _: None, other)
 
@@ -171,13 +169,13 @@ def _recompute_bwd(f, tie, residuals, ct):
 _recompute.defvjp(_recompute_fwd, _recompute_bwd)
 
 
-def recompute_after_cotangent(fun, tie_argnums=None):
+def recompute_after_cotangent(fun, row_argnums=()):
   """`jax.checkpoint(fun)` whose recomputation waits for the cotangent.
 
   A custom VJP: the forward pass keeps only `fun`'s inputs; the backward pass reruns
   `fun` on them (with `jax.vjp`) once the cotangent of its outputs has arrived, because
-  it reruns it on inputs tied to that cotangent (`_tie`; `tie_argnums`: the arguments
-  to tie, the activations; None: all). `jax.checkpoint`'s inputs to the recomputation
+  it reruns it on inputs tied to that cotangent (`_tie`; `row_argnums`: the arguments
+  that are batch-major activations, tied row by row). `jax.checkpoint`'s inputs to the recomputation
   are ready in the forward pass, and XLA's CPU scheduler runs the recomputation there,
   right after the original, which keeps every activation alive (docs/design.md "Memory
   and compilation"). Float array inputs (and float values `fun` closes over) are
@@ -199,11 +197,11 @@ def recompute_after_cotangent(fun, tie_argnums=None):
 
     diff = [leaves[i] for i in arrays if is_diff[i]]
     other = [leaves[i] for i in arrays if not is_diff[i]]
-    tie = tuple(tie_argnums is None or owner[i] in tie_argnums for i in arrays if is_diff[i])
+    by_row = tuple(owner[i] in row_argnums for i in arrays if is_diff[i])
     # Float values `fun` closes over (maybe differentiated) become explicit inputs.
     g, consts = jax.closure_convert(f, diff, other)
     n = len(diff)
-    return _recompute(lambda d, o: g(d[:n], o, *d[n:]), tie + (False,) * len(consts),
+    return _recompute(lambda d, o: g(d[:n], o, *d[n:]), by_row + (False,) * len(consts),
                       diff + list(consts), other)
   return wrapped
 
@@ -215,8 +213,8 @@ def _lift_remat(fn, variables=True, rngs=True):
       scope = scope_fn(variable_groups, rng_groups)
       y = fn(scope, *args, **kwargs)
       return y, repack_fn(scope)
-    ties = tuple(range(2, 2 + len(args)))   # the call's arguments, not the variables
-    return recompute_after_cotangent(rematted, ties)(variable_groups, rng_groups, *args)
+    rows = tuple(range(2, 2 + len(args)))   # the call's arguments, not the variables
+    return recompute_after_cotangent(rematted, rows)(variable_groups, rng_groups, *args)
   return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
 
 
