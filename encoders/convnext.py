@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from encoders.common import EncoderOutput, masked_mean, resize_mask
+from encoders.common import EncoderOutput, masked_mean, remat, resize_mask
 
 SIZES = {  # name: (depths, widths)
     "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
@@ -95,7 +95,7 @@ class Stage(nn.Module):
       x = nn.Conv(self.width, (2, 2), 2, padding="VALID", dtype=self.dtype,
                   kernel_init=nn.initializers.truncated_normal(0.02), name="down_conv")(x)
       x = _apply_mask(x, _mask_at(mask, x))
-    block = nn.remat(Block) if self.remat_blocks else Block
+    block = remat(Block) if self.remat_blocks else Block
     for i in range(self.depth):
       x = block(self.drop_rates[i], self.layer_scale_init, self.train, self.dtype,
                 name=f"block{i}")(x, mask)
@@ -123,7 +123,7 @@ class ConvNeXt(nn.Module):
     x = _apply_mask(x, _mask_at(mask, x))
     total = sum(self.depths)
     rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
-    stage = nn.remat(Stage) if self.remat == "full" else Stage
+    stage = remat(Stage) if self.remat == "full" else Stage
     maps, stride, first = {}, 4, 0
     for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
       x = stage(width, depth, tuple(rates[first:first + depth]), i > 0, self.layer_scale_init,

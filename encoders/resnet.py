@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from encoders.common import EncoderOutput, masked_mean, resize_mask, scan_children
+from encoders.common import EncoderOutput, masked_mean, remat, resize_mask, scan_children
 
 STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -134,7 +134,7 @@ class ResNet(nn.Module):
     check_remat(self.remat)
     kind, blocks = STAGES[self.depth]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
-    block = nn.remat(block_cls) if self.remat != "none" else block_cls
+    block = remat(block_cls) if self.remat != "none" else block_cls
     width = max(8, int(64 * self.width_multiplier))
 
     def body(mdl, images):
@@ -174,5 +174,5 @@ class ResNet(nn.Module):
       return EncoderOutput(masked_mean(x, m).astype(jnp.float32), maps)
 
     if self.remat == "full":
-      body = nn.remat(body)
+      body = remat(body)
     return body(self, images)

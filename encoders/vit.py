@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from encoders.common import (EncoderOutput, PatchMask, gather_visible, scan_children,
+from encoders.common import (EncoderOutput, PatchMask, gather_visible, remat, scan_children,
                              scatter_tokens)
 from encoders.resnet import check_remat
 
@@ -107,7 +107,7 @@ class ViT(nn.Module):
     if self.pooling == "cls":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d)).astype(self.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-    block = nn.remat(EncoderBlock) if self.remat != "none" else EncoderBlock
+    block = remat(EncoderBlock) if self.remat != "none" else EncoderBlock
 
     def blocks(mdl, x):
       # The blocks are created in this module's scope; `mdl` is this module (or its
@@ -123,7 +123,7 @@ class ViT(nn.Module):
       return x
 
     if self.remat == "full":   # the whole stack recomputed in the backward pass
-      blocks = nn.remat(blocks)
+      blocks = remat(blocks)
     x = blocks(self, x)
     x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
     if self.pooling == "cls":

@@ -96,6 +96,19 @@ def test_remat_gives_the_same_features_and_gradients(small, remat):
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
+  # Training with stochastic depth: the recomputed blocks draw the same drops.
+  def train_loss(v, m, key):
+    out = m.apply(v, x, train=True, mask=mask, rngs={"dropout": key})
+    return jnp.sum(out.pooled ** 2)
+  m0 = model.clone(drop_path=0.5)
+  keys = [jax.random.key(3), jax.random.key(4)]
+  g0 = [jax.grad(train_loss)(variables, m0, k) for k in keys]
+  g1 = [jax.grad(train_loss)(variables, m0.clone(remat=remat), k) for k in keys]
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+  # (the two keys drop different blocks: the check above is not of one fixed pattern)
+  assert any(not np.allclose(a, b) for a, b in zip(*map(jax.tree.leaves, g0)))
+
 
 def test_stochastic_depth_drops_whole_examples_in_training_only(small):
   model, variables, x, _ = small

@@ -47,6 +47,42 @@ def test_remat_changes_neither_names_nor_gradients(kind):
     np.testing.assert_allclose(grads[remat], grads["none"], rtol=1e-5, atol=1e-6)
 
 
+def test_remat_lowers_the_compiled_memory_and_keeps_batch_norm_statistics(monkeypatch):
+  """XLA's memory analysis of the compiled CPU gradient: `blocks` keeps each block's input
+  only, and its recomputation runs in the backward pass. (With `jax.checkpoint` alone,
+  XLA's CPU scheduler recomputed each block in the forward pass, and `blocks` and `full`
+  needed more memory than `none`.) Same gradients, same new BatchNorm statistics."""
+  from encoders import resnet
+  monkeypatch.setitem(resnet.STAGES, 7, ("basic", (3,)))   # stem + 3 blocks, 16 channels
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 16, 3)), jnp.float32)
+  temp, grads, stats = {}, {}, {}
+  for remat in ("none", "blocks", "full"):
+    enc = resnet.ResNet(depth=7, width_multiplier=0.25, cifar_stem=True, remat=remat)
+    v = enc.init(jax.random.key(0), x, train=True)
+
+    def loss(p, s, enc=enc):
+      out, new = enc.apply({"params": p, "batch_stats": s}, x, train=True,
+                           mutable=["batch_stats"])
+      return jnp.sum(out.pooled ** 2), new["batch_stats"]
+
+    compiled = jax.jit(jax.grad(loss, has_aux=True)).lower(
+        v["params"], v["batch_stats"]).compile()
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    grads[remat], stats[remat] = compiled(v["params"], v["batch_stats"])
+  # Measured: none 3.02 MB, blocks 1.58, full 1.61 (with jax.checkpoint: 3.02 / 3.42 / 3.31).
+  assert temp["blocks"] < 0.7 * temp["none"], temp
+  # Both peak at the start of the backward pass, holding every block's input; `full`
+  # keeps only the images between the passes, which counts when something else runs
+  # between them (nothing here). 5%: XLA packs the two programs' buffers differently.
+  assert temp["full"] <= 1.05 * temp["blocks"], temp
+  assert not any(np.allclose(a, b) for a, b in zip(jax.tree.leaves(stats["none"]),
+                                                   jax.tree.leaves(v["batch_stats"])))
+  for remat in ("blocks", "full"):
+    for got, want in ((grads, grads["none"]), (stats, stats["none"])):
+      for a, b in zip(jax.tree.leaves(got[remat]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_remat_is_refused_where_an_encoder_has_none():
   with pytest.raises(UserError, match="no activation rematerialisation"):
     build_encoder(ConfigDict(dict(name="tiny_cnn")), remat="blocks")
