@@ -2,6 +2,11 @@
 micro-batch gradients, the trainer reports the step's memory and refuses what cannot fit."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +15,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from encoders import build_encoder
 from encoders.vit import ViT
 from selfsup import trainer as trainer_lib
@@ -159,3 +164,45 @@ def test_compile_cache_folders(tmp_path, monkeypatch):
   assert trainer_lib.compile_cache_dir(str(tmp_path / "c"), "w") == str(tmp_path / "c")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
   assert trainer_lib.compile_cache_dir("user", "w") == str(tmp_path / "env")
+
+
+REMAT_EIGHT_DEVICES = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    from conftest import tiny_config
+    from selfsup.trainer import Trainer
+    out = {{}}
+    for name, devices, remat, sharding in (("one", jax.devices()[:1], "none", "replicate"),
+                                           ("blocks", jax.devices(), "blocks", "fsdp"),
+                                           ("full", jax.devices(), "full", "replicate")):
+      c = tiny_config("rotation", steps=2, batch_size=8, image_size=16)
+      c.encoder = {{"name": "resnet18", "width_multiplier": 0.125, "cifar_stem": True}}
+      c.optimizer.name = "sgd"
+      c.train.online_probe = False
+      c.train.remat = remat
+      c.mesh.sharding = sharding
+      c.mesh.fsdp_min_size = 0     # shard every parameter that divides
+      t = Trainer(c, None, devices=devices)
+      losses = [float(t.train_step(next(t.iterator))[0]["loss"]) for _ in range(2)]
+      leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(jax.device_get(
+          {{"params": t.state["params"], "stats": t.state["batch_stats"]}}))]
+      out[name] = dict(losses=losses, params=np.concatenate(leaves).tolist())
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.ci   # three ResNet-18 trainers compiled: ~1 min on 2 cores
+def test_remat_on_eight_devices_with_fsdp_matches_one_device_without():
+  """The recomputation's tie to the cotangent (row by row, plus a scalar for the
+  parameters) under a batch-sharded mesh and FSDP-sharded parameters: same losses, same
+  parameters and BatchNorm statistics as one device without remat."""
+  script = REMAT_EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name in ("blocks", "full"):
+    np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(out[name]["params"], out["one"]["params"], rtol=1e-3, atol=2e-5)
