@@ -128,7 +128,8 @@ def run_configs(config: str, specs=None, *, dataset=None, encoder=None, steps=No
   out = []
   for spec in (specs or [arg]):
     c = module.get_config(spec) if spec is not None else module.get_config()
-    if specs and list(c.objectives.keys()) != spec.split("+"):
+    # (a ConfigDict lists its keys sorted, so the order of NAME+NAME is not compared)
+    if specs and sorted(c.objectives.keys()) != sorted(spec.split("+")):
       raise UserError(f"--config {path} does not take its objectives from its argument (it "
                       f"gave {'+'.join(c.objectives.keys())} for {spec!r}); leave --objectives "
                       "out to run it once, or use a config such as experiments/quickstart.py")

@@ -115,6 +115,9 @@ def test_compare_validates_names_steps_and_config_before_training(tmp_path):
     compare(["context"], config=str(bad), **kw)
   assert not (tmp_path / "w").exists()  # nothing trained
   # The config file's settings, overridden only where asked.
+  # A combination named out of alphabetical order (the config lists its keys sorted).
+  (name, c), = run_configs("experiments/quickstart.py", ["simclr+rotation"])
+  assert name == "simclr+rotation" and sorted(c.objectives.keys()) == ["rotation", "simclr"]
   (name, c), = run_configs("experiments/quickstart.py", ["simclr"], steps=7)
   assert (name, c.train.steps, c.train.batch_size, c.encoder.name) == ("simclr", 7, 128, "tiny_cnn")
   assert c.objectives.simclr.temperature == 0.2  # the quickstart's per-objective setting
