@@ -72,3 +72,20 @@ def model_forward(config, batch_size=8, train=True):
   outputs, _ = apply(variables, batch, train=train, rngs={"augment": jax.random.key(2)},
                      mutable=("batch_stats", "objective_state"))
   return apply, variables, batch, outputs
+
+
+def run_script_json(template: str, timeout: int = 1200) -> dict:
+  """Runs a Python script in a fresh CPU process and returns its last stdout line as JSON.
+
+  `template` is formatted with `root` (the repository) and `tests` (this folder), so the
+  script can put both on sys.path after setting XLA_FLAGS (e.g. 8 fake devices) before
+  JAX is imported, which only a new process allows.
+  """
+  import json
+  import subprocess
+  import sys
+  script = template.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

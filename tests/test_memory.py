@@ -2,10 +2,6 @@
 micro-batch gradients, the trainer reports the step's memory and refuses what cannot fit."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,7 +11,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from conftest import ROOT, tiny_config
+from conftest import run_script_json, tiny_config
 from encoders import build_encoder
 from encoders.vit import ViT
 from selfsup import trainer as trainer_lib
@@ -198,11 +194,7 @@ def test_remat_on_eight_devices_with_fsdp_matches_one_device_without():
   """The recomputation's tie to the cotangent (row by row, plus a scalar for the
   parameters) under a batch-sharded mesh and FSDP-sharded parameters: same losses, same
   parameters and BatchNorm statistics as one device without remat."""
-  script = REMAT_EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script_json(REMAT_EIGHT_DEVICES, timeout=1200)
   for name in ("blocks", "full"):
     np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(out[name]["params"], out["one"]["params"], rtol=1e-3, atol=2e-5)

@@ -2,17 +2,13 @@
 loss against NumPy; 8 fake devices equal 1 (replicated and FSDP); a too-small map is
 refused with one line."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import run_script_json, tiny_config
 from objectives import pixpro
 from selfsup.errors import UserError
 
@@ -187,11 +183,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 @pytest.mark.slow  # three compilations of the step on 8 fake devices: over a minute idle
 def test_eight_devices_match_one_replicated_and_fsdp(tmp_path):
-  script = EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=3600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script_json(EIGHT_DEVICES, timeout=3600)
   assert out["fsdp_sharded"]
   assert out["one"]["losses"][0] < 0.5 and all(0 < s <= 1 for s in out["one"]["shares"])
   for name in ("eight", "fsdp"):

@@ -1,11 +1,8 @@
 """SparK: masked convolution on ResNet, masked BatchNorm statistics, the loss, the
 objective's checks, pictures, kill-and-resume, and 8 fake devices == 1 (with MAE)."""
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 
 import objectives as objectives_lib
-from conftest import ROOT, run_cli, tiny_config
+from conftest import run_cli, run_script_json, tiny_config
 from encoders.common import resize_mask
 from encoders.resnet import ResNet, _Masked
 from objectives.spark import (SparKDecoder, masked_patch_loss, num_visible, patchify,
@@ -212,11 +209,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 @pytest.mark.ci
 def test_eight_devices_match_one_for_spark_and_mae():
-  script = EIGHT_DEVICES.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script_json(EIGHT_DEVICES, timeout=1200)
   for objective in ("spark", "mae"):
     one, eight = out[f"{objective}/one"], out[f"{objective}/eight"]
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-4, atol=2e-5)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, run_script_json, tiny_config
 from objectives.swav import SwAV, sinkhorn, swapped_prediction_loss
 from selfsup.errors import UserError
 from selfsup.metrics_log import read_metrics
@@ -184,11 +184,7 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_eight_devices_match_one_replicated_and_fsdp():
   """The codes' sums span the global batch: 8 devices (replicated, FSDP) give 1's run."""
-  script = EIGHT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        timeout=2400, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script_json(EIGHT, timeout=2400)
   for name in ("eight", "fsdp"):
     np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(out[name]["params"], out["one"]["params"], rtol=1e-3, atol=2e-5)
