@@ -3,18 +3,14 @@ step), state, resume."""
 
 import functools
 import itertools
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from conftest import run_script_json, tiny_config
 from objectives.nat import NoiseAsTargets, nat_loss, reassign, reassign_in_step
 from selfsup import data as data_lib
 from selfsup.errors import UserError
@@ -187,10 +183,7 @@ print(json.dumps(dict(n=len(jax.devices()), eight=np.asarray(eight).tolist(),
 def test_sharded_batch_is_one_problem_eight_devices_equal_one():
   """Under jit over a batch (and tables) split over 8 devices the Hungarian solves the
   global batch as one problem: the same new assignment as 1 device and as scipy."""
-  proc = subprocess.run([sys.executable, "-c", SHARDED.format(root=ROOT)], capture_output=True,
-                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script_json(SHARDED, timeout=600)
   assert out["n"] == 8
   assert out["eight"] == out["one"] == out["ref"] != out["before"]
 

@@ -1,18 +1,14 @@
 """SwAV: Sinkhorn and the swapped loss against NumPy, prototypes, queue, bad input,
 kill-and-resume with the queue on, and 8 fake devices against 1."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script_json, tiny_config
+from conftest import run_script_json, tiny_config
 from objectives.swav import SwAV, sinkhorn, swapped_prediction_loss
 from selfsup.errors import UserError
 from selfsup.metrics_log import read_metrics
@@ -215,11 +211,7 @@ print(json.dumps(dict(n=len(jax.devices()), loss=[float(one[0]), float(eight[0])
 def test_codes_and_loss_on_a_batch_sharded_over_8_devices_equal_1():
   """Sinkhorn's sums span the global batch: sharded over 8 devices the codes and loss are
   1 device's, while per-shard Sinkhorn (what a missing all-reduce would give) is not."""
-  proc = subprocess.run([sys.executable, "-c", SHARDED_CODES.format(root=ROOT)],
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_script_json(SHARDED_CODES, timeout=600)
   assert out["n"] == 8
   assert out["loss"][0] == pytest.approx(out["loss"][1], rel=1e-6)
   assert out["codes"] < 1e-6 and out["local"] > 0.1
