@@ -12,11 +12,19 @@ writes a JSON list, one row per run:
         --width_multiplier 0.25 --cifar_stem --steps 300 \
         --objectives rotation,simclr,rotation+simclr --workdir runs/compare
 
+`--seeds 0,1,2` runs the whole comparison once per seed (in WORKDIR/seed_S) and ends with
+each run's mean and standard deviation of top-1 and of its gain over the same seed's
+random-init baseline (rows marked `"summary": true`):
+
+    python -m evals.compare --dataset folder:/data/cifar10 --encoder resnet18 \
+        --width_multiplier 0.25 --steps 300 --objectives simclr,swav --seeds 0,1,2
+
 A config file without an argument (`--config experiments/simclr_cifar10.py`) is one
 run, named by its objectives. Every objective name, option and step count is checked,
 and the dataset opened, before anything trains.
 
-From a notebook: `compare(["rotation", "simclr"], dataset=..., workdir=...)`.
+From a notebook: `compare(["rotation", "simclr"], dataset=..., workdir=...)`, or
+`compare_seeds([...], seeds=(0, 1, 2), ...)`.
 
 A SIGTERM while a run trains (either phase of G-SimCLR's, `selfsup/phases.py`) saves
 that run and stops the comparison as `selfsup.train` does: it says which run is
@@ -250,7 +258,8 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
   result = probe_random_init(encoders_lib.build_encoder(ConfigDict(first.encoder)), data,
                              seed=first.seed)
   rows.append({"objectives": "random-init", "probe_top1": result["top1"],
-               "probe_top5": result["top5"], "l2": result["l2"], "steps": 0})
+               "probe_top5": result["top5"], "l2": result["l2"], "steps": 0,
+               "seed": first.seed})
   log(json.dumps(rows[-1]), flush=True)
   for name, c in configs:
     t0 = time.perf_counter()
@@ -274,11 +283,61 @@ def compare(specs=None, *, workdir: str, config: str = DEFAULT_CONFIG, dataset=N
            "l2": result["l2"], "features": result["features"], "steps": c.train.steps,
            "train_seconds": round(train_s, 1),
            "images_per_s": round(last.get("images_per_s", float("nan")), 1),
-           "final_loss": last.get("loss")}
+           "final_loss": last.get("loss"), "seed": c.seed}
     row.update({k: v for k, v in last.items() if k.endswith("/loss")})
     rows.append(row)
     log(json.dumps(row), flush=True)
   return rows
+
+
+def compare_seeds(specs=None, *, seeds, workdir: str, log=print, **kwargs) -> list[dict]:
+  """`compare` once per seed, each in WORKDIR/seed_S, then `seed_summary`'s rows.
+
+  The seed is every run's `config.seed`: its parameter init, data order and augmentation,
+  and the random-init baseline's weights, so each seed's gains are read against that
+  seed's own baseline (ResNet-18 x0.25 on CIFAR-10, seeds 0/1/2: 32.75 / 32.40 / 32.90
+  random-init top-1 at 32 px, 35.70 / 36.25 / 36.40 at 36 px). Returns the per-seed rows
+  (each with its "seed") followed by one summary row per run name (`"summary": true`). A
+  seed cut short by SIGTERM stops the loop and returns what finished, without summary;
+  rerunning resumes it.
+  """
+  seeds = [int(s) for s in seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise UserError(f"seeds={seeds}: give one or more distinct integer seeds, e.g. 0,1,2")
+  expected = 1 + (len(specs) if specs else 1)   # the baseline and every run
+  rows = []
+  for seed in seeds:
+    got = compare(specs, workdir=os.path.join(workdir, f"seed_{seed}"), seed=seed, log=log,
+                  **kwargs)
+    rows.extend(got)
+    if len(got) < expected:
+      return rows
+  summary = seed_summary(rows)
+  for row in summary:
+    log(json.dumps(row), flush=True)
+  return rows + summary
+
+
+def seed_summary(rows) -> list[dict]:
+  """One row per run name over the seeds in `rows`: mean and sample standard deviation of
+  top-1 and, for trained runs, of the gain over the same seed's random-init row."""
+  import numpy as np
+  base = {r["seed"]: r["probe_top1"] for r in rows if r["objectives"] == "random-init"}
+  out = []
+  for name in dict.fromkeys(r["objectives"] for r in rows):
+    runs = [r for r in rows if r["objectives"] == name and r["seed"] in base]
+    top1 = np.array([r["probe_top1"] for r in runs], np.float64)
+    std = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+    row = {"objectives": name, "summary": True, "seeds": [r["seed"] for r in runs],
+           "probe_top1": round(float(np.mean(top1)), 2), "probe_top1_std": round(std(top1), 2),
+           "probe_top5": round(float(np.mean([r["probe_top5"] for r in runs])), 2)}
+    if name != "random-init":
+      gains = top1 - np.array([base[r["seed"]] for r in runs])
+      row.update(gain=round(float(np.mean(gains)), 2), gain_std=round(std(gains), 2),
+                 gain_min=round(float(np.min(gains)), 2),
+                 gains=[round(float(g), 2) for g in gains])
+    out.append(row)
+  return out
 
 
 def _note(message: str) -> None:
@@ -313,6 +372,9 @@ def _define_flags():
   flags.DEFINE_integer("max_train", 10000, "probe training examples")
   flags.DEFINE_integer("max_test", 2000, "probe test examples")
   flags.DEFINE_integer("seed", None, "seed")
+  flags.DEFINE_string("seeds", None, "comma-separated seeds, e.g. 0,1,2: the whole comparison "
+                      "once per seed (WORKDIR/seed_S), then each run's mean and standard "
+                      "deviation of top-1 and of its gain over the same seed's random-init")
   flags.DEFINE_string("output", None, "write the rows here (JSON; rows also stream to FILEl)")
   flags.DEFINE_string("dtype", None, "compute dtype: float32 | bfloat16")
   flags.DEFINE_enum("features", "image", ("image", "objective"),
@@ -358,14 +420,33 @@ def main(argv):
       with open(f.output + "l", "a") as fh:
         fh.write(line + "\n")
 
-  rows = compare(specs, config=f.config, dataset=f.dataset, workdir=f.workdir,
-                 encoder=_encoder_override(f), steps=f.steps,
-                 batch_size=f.batch_size, image_size=f.image_size, max_train=f.max_train,
-                 max_test=f.max_test, seed=f.seed, dtype=f.dtype, features=f.features,
-                 overrides=parse_overrides(f.set), log=log)
-  print(f"{'objectives':32s} {'probe top-1':>11s} {'train s':>8s}")
+  kwargs = dict(config=f.config, dataset=f.dataset, workdir=f.workdir,
+                encoder=_encoder_override(f), steps=f.steps, batch_size=f.batch_size,
+                image_size=f.image_size, max_train=f.max_train, max_test=f.max_test,
+                dtype=f.dtype, features=f.features, overrides=parse_overrides(f.set), log=log)
+  if f.seeds is not None:
+    if f.seed is not None:
+      raise UserError("--seed and --seeds: give one of them (--seeds 0,1,2 runs every seed)")
+    try:
+      seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
+    except ValueError:
+      raise UserError(f"--seeds {f.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+    rows = compare_seeds(specs, seeds=seeds, **kwargs)
+  else:
+    rows = compare(specs, seed=f.seed, **kwargs)
+  print(f"{'objectives':32s} {'seed':>4s} {'probe top-1':>11s} {'train s':>8s}")
   for r in rows:
-    print(f"{r['objectives']:32s} {r['probe_top1']:11.2f} {r.get('train_seconds', 0):8.1f}")
+    if not r.get("summary"):
+      print(f"{r['objectives']:32s} {str(r.get('seed', '')):>4s} {r['probe_top1']:11.2f} "
+            f"{r.get('train_seconds', 0):8.1f}")
+  summary = [r for r in rows if r.get("summary")]
+  if summary:
+    print(f"\n{'objectives':32s} {'top-1 mean +- std':>18s} {'gain mean +- std':>17s} "
+          f"{'min gain':>8s}  (seeds {','.join(map(str, summary[0]['seeds']))})")
+    for r in summary:
+      gain = (f"{r['gain']:+8.2f} +- {r['gain_std']:4.2f} {r['gain_min']:+8.2f}"
+              if "gain" in r else f"{'-':>17s} {'-':>8s}")
+      print(f"{r['objectives']:32s} {r['probe_top1']:10.2f} +- {r['probe_top1_std']:4.2f} {gain}")
   if f.output:
     with open(f.output, "w") as fh:
       json.dump(rows, fh, indent=1)

@@ -174,3 +174,47 @@ def test_compare_warns_when_an_objective_trains_at_another_size_than_the_probe()
                       overrides=parse_overrides(["objectives.pixpro.view_size=0"]))
   assert view_size_warnings(fixed) == []
   assert view_size_warnings(run_configs("experiments/quickstart.py", ["swav", "obow"])) == []
+
+
+def test_compare_seeds_reads_each_gain_against_its_own_seeds_baseline(tmp_path):
+  from evals.compare import compare_seeds, seed_summary
+  from selfsup.errors import UserError
+  rows = compare_seeds(["rotation"], seeds=(0, 1), workdir=str(tmp_path),
+                       dataset="synthetic:shapes", steps=2, batch_size=16, image_size=16,
+                       max_train=64, max_test=32, log=lambda *a, **k: None)
+  per_seed = [r for r in rows if not r.get("summary")]
+  assert [(r["objectives"], r["seed"]) for r in per_seed] == [
+      ("random-init", 0), ("rotation", 0), ("random-init", 1), ("rotation", 1)]
+  assert (tmp_path / "seed_0" / "rotation").is_dir() and (tmp_path / "seed_1" / "rotation").is_dir()
+  # The two seeds are two runs: other random-init weights (so, in general, other probes).
+  assert json.loads((tmp_path / "seed_1" / "rotation" / "config.json").read_text())["seed"] == 1
+  summary = [r for r in rows if r.get("summary")]
+  assert summary == seed_summary(per_seed) and [r["objectives"] for r in summary] == [
+      "random-init", "rotation"]
+  gains = [per_seed[1]["probe_top1"] - per_seed[0]["probe_top1"],
+           per_seed[3]["probe_top1"] - per_seed[2]["probe_top1"]]
+  assert summary[1]["gains"] == [round(g, 2) for g in gains]
+  # A plain NumPy reference on fixed rows: gains against each seed's own baseline.
+  fixed = [{"objectives": "random-init", "seed": s, "probe_top1": b, "probe_top5": 80.0}
+           for s, b in ((0, 30.0), (1, 32.0), (2, 31.0))]
+  fixed += [{"objectives": "swav", "seed": s, "probe_top1": t, "probe_top5": 85.0}
+            for s, t in ((0, 33.0), (1, 33.0), (2, 35.5))]
+  swav = seed_summary(fixed)[1]
+  ref = np.array([3.0, 1.0, 4.5])
+  assert swav["gains"] == [3.0, 1.0, 4.5] and swav["gain"] == round(ref.mean(), 2)
+  assert swav["gain_std"] == round(float(np.std(ref, ddof=1)), 2) and swav["gain_min"] == 1.0
+  assert swav["probe_top1"] == round(float(np.mean([33.0, 33.0, 35.5])), 2)
+  with pytest.raises(UserError, match="distinct"):
+    compare_seeds(["rotation"], seeds=(0, 0), workdir=str(tmp_path / "x"))
+  assert not (tmp_path / "x").exists()
+
+
+def test_compare_cli_refuses_seed_with_seeds(tmp_path):
+  from test_errors import _assert_one_line_error
+  proc = run_cli(["-m", "evals.compare", "--objectives", "rotation", "--seed", "1",
+                  "--seeds", "0,1", "--workdir", str(tmp_path / "w")])
+  _assert_one_line_error(proc, "--seed and --seeds")
+  proc = run_cli(["-m", "evals.compare", "--objectives", "rotation", "--seeds", "0,x",
+                  "--workdir", str(tmp_path / "w")])
+  _assert_one_line_error(proc, "--seeds")
+  assert not (tmp_path / "w").exists()
