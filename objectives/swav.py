@@ -46,8 +46,8 @@ batch 4096, 2x224 + 6x96), 72.7 (200 epochs, batch 256, with the queue). Our CIF
 measurement at the README budget is in README.md ("SwAV and G-SimCLR"). In short: at
 0.77 epoch SwAV is in its slow start, and what moved it most was the learning rate
 (AdamW 5e-3 instead of the quickstart's 2e-3), with sharper codes (eps 0.02) next:
-+3.07 points over random-init on average over three seeds, against +1.10 (seed 0) at
-2e-3.
++3.07 points over random-init on average over three seeds (+3.00 over five, single seeds
++1.75 to +4.05), against +1.10 (seed 0) at 2e-3.
 
 Keep K above `proj_dim`: measured at that budget, K = 100 prototypes for a 128-d
 embedding collapsed within 30 steps (loss ln 100, uniform codes and predictions) with the
