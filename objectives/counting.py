@@ -116,8 +116,8 @@ command; sharp tiles = `tile_size=32` + `--config.data.source_size=64`):
   What counting learns at 32 px transfers to CIFAR-10's classes and hardly to these.
 - Nor the BatchNorm statistics gathered on tiles: re-estimated on whole 32 px training
   images before the probe (the average of 20 batches' statistics, `docs/precise_bn.py`),
-  the default run reads
-  21.05 instead of 20.70 and the random-init encoder 20.95 instead of 21.70.
+  the default run reads 21.05 instead of 20.70 and the random-init encoder 20.95
+  instead of 21.70.
 - Sharp tiles with AdamW at 5e-4 / 4e-3 instead of 2e-3: 20.40 / 21.80 (23.05 at 2e-3);
   a 512-wide head with 100 counts: 21.45; crops of 20-100% of the image instead of
   60-100%: 21.05; a per-stage probe of the sharp-tile run: strides 2 / 4 / 8 / 16 read
