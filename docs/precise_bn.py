@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evals import linear_probe as lp
+from evals import stream
 from selfsup import augment
 
 # Every BatchNorm in encoders/ updates its running averages as m * old + (1 - m) * batch.
@@ -62,13 +63,15 @@ def main(argv):
     splits = loaded.splits()
     row = {"random_init": random_init,
            "as_trained": lp.probe_features(*splits["train"], *splits["test"])["top1"]}
-    # The training split's uint8 images, read through the same pipeline.
-    flat = loaded.splits(feature_fn=lambda v, im: im.reshape(im.shape[0], -1).astype(
-        jnp.float32), extra_key={"raw_images": True})["train"][0]
-    side = loaded.data.image_size
-    images = flat.reshape(len(flat), side, side, -1).astype(np.uint8)
+    # The probe's training images (the same subset and preprocessing), as uint8.
+    data = loaded.data
+    flat, _ = stream.stream_features(
+        lambda v, im: im.reshape(im.shape[0], -1).astype(jnp.float32), loaded.variables,
+        data.sources()[0], image_size=data.image_size, batch_size=data.batch_size,
+        max_examples=data.max_train, seed=data.subset_seed, crop_fraction=data.crop_fraction)
+    images = flat.reshape(len(flat), data.image_size, data.image_size, -1).astype(np.uint8)
     loaded.variables = precise_statistics(loaded, images, f.batches)
-    splits = loaded.splits(extra_key={"precise_bn": f.batches})
+    splits = loaded.splits()
     row["precise_bn"] = lp.probe_features(*splits["train"], *splits["test"])["top1"]
     print(json.dumps(row), flush=True)
 
