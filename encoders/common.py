@@ -175,10 +175,10 @@ def recompute_after_cotangent(fun, row_argnums=()):
   A custom VJP: the forward pass keeps only `fun`'s inputs; the backward pass reruns
   `fun` on them (with `jax.vjp`) once the cotangent of its outputs has arrived, because
   it reruns it on inputs tied to that cotangent (`_tie`; `row_argnums`: the arguments
-  that are batch-major activations, tied row by row). `jax.checkpoint`'s inputs to the recomputation
-  are ready in the forward pass, and XLA's CPU scheduler runs the recomputation there,
-  right after the original, which keeps every activation alive (docs/design.md "Memory
-  and compilation"). Float array inputs (and float values `fun` closes over) are
+  that are batch-major activations, tied row by row). `jax.checkpoint`'s inputs to the
+  recomputation are ready in the forward pass, and XLA's CPU scheduler runs the
+  recomputation there, right after the original, which keeps every activation alive
+  (docs/design.md "Memory and compilation"). Float array inputs (and float values `fun` closes over) are
   differentiated; other arrays (integers, booleans, PRNG keys) get no gradient; other
   leaves (Python numbers, None) stay static. Reverse mode only (a custom VJP has no
   `jax.jvp`).

@@ -322,12 +322,14 @@ def seed_summary(rows) -> list[dict]:
   """One row per run name over the seeds in `rows`: mean and sample standard deviation of
   top-1 and, for trained runs, of the gain over the same seed's random-init row."""
   import numpy as np
+  def std(x):  # the sample standard deviation; 0 for one seed
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
   base = {r["seed"]: r["probe_top1"] for r in rows if r["objectives"] == "random-init"}
   out = []
   for name in dict.fromkeys(r["objectives"] for r in rows):
     runs = [r for r in rows if r["objectives"] == name and r["seed"] in base]
     top1 = np.array([r["probe_top1"] for r in runs], np.float64)
-    std = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
     row = {"objectives": name, "summary": True, "seeds": [r["seed"] for r in runs],
            "probe_top1": round(float(np.mean(top1)), 2), "probe_top1_std": round(std(top1), 2),
            "probe_top5": round(float(np.mean([r["probe_top5"] for r in runs])), 2)}
