@@ -38,6 +38,10 @@ _OVERRIDES = {
     # step 120). Codes at eps 0.02 instead of the reference's 0.05 (sharper codes from
     # scores that barely differ early on): on CIFAR-10 at the compare budget 33.85 vs
     # 32.80 with AdamW 2e-3, 36.55 vs 34.75 at 5e-3. See README "SwAV and G-SimCLR".
+    # On synthetic:shapes these crops often miss the one object and SwAV probes below
+    # random-init (15.85 vs 28.10); large crops of 40-100% without small crops fix that
+    # (32.00) but cost on CIFAR-10 (+1.35 vs +3.80), so multi-crop stays (README
+    # "Quickstart").
     "swav": {"num_small": 4, "small_size": 16, "proj_hidden": (512,), "num_prototypes": 300,
              "freeze_prototypes_steps": 390, "jitter_strength": 1.0, "blur_prob": 0.0,
              "epsilon": 0.02},
@@ -55,7 +59,9 @@ _OVERRIDES = {
     # epochs: over 300 steps its cosine to 1.0 leaves the key network near its first
     # ~100 steps). CIFAR-10, compare budget at 36 px: 0.99 / 0.9 / 0.7 / 0.5 / 0.0 probe
     # 36.05 / 37.45 / 39.50 / 37.45 / 39.20 vs 35.70 random-init (seed 0); over seeds 0-2,
-    # 0.7 gains +2.13 on average, 0.99 -1.28 (README "OBoW and PixPro").
+    # 0.7 gains +2.13 on average, 0.99 -1.28 (README "OBoW and PixPro"). With the CIFAR
+    # stem at 32 px (4x4 maps, `--cifar_stem --set objectives.pixpro.view_size=0`) the
+    # same settings gain +4.60 over seeds 0-2.
     "pixpro": {"view_size": 36, "proj_hidden": 512, "pred_hidden": 512,
                "blur_probs": (0.0, 0.0), "instance_weight": 1.0, "base_momentum": 0.7},
     # A light decoder for 64 tokens of ViT-Tiny (the reference's 8 x 512 is for ViT-B).

@@ -122,6 +122,11 @@ command; sharp tiles = `tile_size=32` + `--config.data.source_size=64`):
   a 512-wide head with 100 counts: 21.45; crops of 20-100% of the image instead of
   60-100%: 21.05; a per-stage probe of the sharp-tile run: strides 2 / 4 / 8 / 16 read
   19.60 / 21.05 / 19.55 / 23.05 against 18.75 / 21.25 / 18.80 / 21.70.
+- Nor the global pooling in front of the head: a head reading the deepest map
+  flattened, as the paper's fc6 reads AlexNet's conv5 grid (tried as an option, with
+  sharp tiles: 2x2 cells x 128 channels), probes 23.80 / 20.45 / 19.40 for seeds 0 / 1 /
+  2 (+2.10 / +1.05 / -2.15, mean +0.33) against the pooled head's +1.22, so the option
+  was not kept.
 Our reading, not proven: with a globally pooled encoder, counting's two constraints are
 met by statistics of colour and texture that scale with the image's area, plus a
 detector of the 2x zoom between D(x) and a tile; on CIFAR-10 those statistics separate
