@@ -12,6 +12,7 @@ encoder reads 16.25 shape / 67.10 position with effective rank 5.0, OBoW's 20.45
 69.35 / 6.4, the random-init tiny CNN 26.80 / 79.60 / 16.5.
 """
 
+import functools
 import json
 import sys
 
@@ -24,6 +25,7 @@ from selfsup.data.sources import ShapesSource
 LABELS = ("label", "position", "orientation")
 
 
+@functools.lru_cache(maxsize=4)  # several runs at one image size share the images
 def load(split: str, n: int, image_size: int):
   source = ShapesSource(split, image_size=image_size)
   items = [source[i] for i in range(n)]

@@ -178,10 +178,10 @@ def recompute_after_cotangent(fun, row_argnums=()):
   that are batch-major activations, tied row by row). `jax.checkpoint`'s inputs to the
   recomputation are ready in the forward pass, and XLA's CPU scheduler runs the
   recomputation there, right after the original, which keeps every activation alive
-  (docs/design.md "Memory and compilation"). Float array inputs (and float values `fun` closes over) are
-  differentiated; other arrays (integers, booleans, PRNG keys) get no gradient; other
-  leaves (Python numbers, None) stay static. Reverse mode only (a custom VJP has no
-  `jax.jvp`).
+  (docs/design.md "Memory and compilation"). Float array inputs (and float values `fun`
+  closes over) are differentiated; other arrays (integers, booleans, PRNG keys) get no
+  gradient; other leaves (Python numbers, None) stay static. Reverse mode only (a custom
+  VJP has no `jax.jvp`).
   """
   def wrapped(*args):
     leaves, tree = jax.tree.flatten(args)
