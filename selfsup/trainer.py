@@ -19,6 +19,7 @@ the run there with one line, before any save; `skip` carries on and logs
 So no checkpoint ever holds a non-finite value.
 """
 
+import collections
 import functools
 import os
 import signal
@@ -41,6 +42,14 @@ from selfsup.workdir import (WorkdirLock, check_workdir_config, prepare_workdir,
                              save_config)
 
 MAX_CONSECUTIVE_SKIPS = 50
+
+# Steps the host may dispatch ahead of the device. Dispatch is asynchronous, and between
+# two log or checkpoint steps nothing else makes the loop wait, so without a bound it can
+# run up to `log_every` steps ahead; a SIGTERM is then seen many steps before the device
+# gets there, and the save waits for all of them. That took several minutes with a 17 s
+# step at log_every 30, far more than a preemption grace period. Two keep the device fed
+# (the next step is queued while one runs) and bound that wait to two steps.
+STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteError(UserError):
@@ -477,6 +486,7 @@ class Trainer:
     self._checked = start
     failing = True
     watchdog = distributed.PeerWatchdog()   # several processes: a dead one stops the rest
+    in_flight = collections.deque()
     try:
       for step in range(start, total):
         batch = next(self.iterator)
@@ -485,6 +495,9 @@ class Trainer:
           logger.message(self.memory_line)
           distributed.barrier("step compiled")   # hosts start the first step together
         metrics, host = self.train_step(batch)
+        in_flight.append(metrics["loss"])
+        if len(in_flight) > STEPS_IN_FLIGHT:
+          jax.block_until_ready(in_flight.popleft())
         counts = _count_nonfinite(counts, metrics["nonfinite"])
         if hooked:
           self._run_host_hooks(hooked, host, step, ctx)

@@ -65,6 +65,41 @@ def test_step_compiles_once_over_several_steps(monkeypatch):
   assert t.step_fn._cache_size() == 1
 
 
+def test_the_loop_keeps_at_most_two_steps_in_flight(tmp_path):
+  # Dispatch is asynchronous: without a bound the loop runs ahead of the device until the
+  # next log or checkpoint step, and a SIGTERM's save then waits for every queued step.
+  # Each step's loss is made to depend on a slow computation, so queued steps stay
+  # unfinished long enough to be counted when the next one is dispatched.
+  import jax.numpy as jnp
+
+  from selfsup import trainer as trainer_lib
+
+  @jax.jit
+  def slow(x):
+    m = jnp.full((384, 384), x)
+    m = jax.lax.fori_loop(0, 12, lambda i, m: jnp.tanh(m @ m / 384.0), m)
+    return x + 0.0 * m[0, 0]
+
+  c = tiny_config("rotation", steps=10)
+  c.train.log_every = 100          # only the last step logs or checkpoints
+  c.train.checkpoint_every = 100
+  t = Trainer(c, str(tmp_path))
+  losses, unfinished = [], []
+  step = t.train_step
+
+  def dispatch(batch):
+    metrics, host = step(batch)
+    metrics = {**metrics, "loss": slow(metrics["loss"])}
+    unfinished.append(sum(not x.is_ready() for x in losses))
+    losses.append(metrics["loss"])
+    return metrics, host
+
+  t.train_step = dispatch
+  t.run()
+  assert len(unfinished) == 10
+  assert max(unfinished) <= trainer_lib.STEPS_IN_FLIGHT == 2, unfinished
+
+
 def test_sigterm_saves_and_the_rerun_continues(tmp_path):
   # The end-of-run probe is on: after SIGTERM it must not run on the partial model.
   workdir = str(tmp_path / "run")
