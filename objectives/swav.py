@@ -48,7 +48,7 @@ measurement at the README budget is in README.md ("SwAV and G-SimCLR"). In short
 (AdamW 5e-3 instead of the quickstart's 2e-3), with sharper codes (eps 0.02) next:
 +3.07 points over random-init on average over three seeds (+3.00 over five, single seeds
 +1.75 to +4.05), against +1.10 (seed 0) at 2e-3. That is with the ImageNet stem, whose
-16 px small crops are a single pixel after the first stage. With the CIFAR stem (4x4
+16 px small crops are a single pixel in the last two stages. With the CIFAR stem (4x4
 last maps at 32 px, the encoder of `experiments/swav_cifar10.py`) the same settings gain
 +8.10 and +6.20 (seeds 0 and 1; README "All new objectives on one encoder").
 
